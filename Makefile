@@ -1,0 +1,32 @@
+# Seedling: the two quick-start commands are `make serve` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PORT ?= 8000
+
+.PHONY: setup setup-dev model serve test lint bench
+
+$(PY):
+	.ci/setup.sh
+
+setup:
+	.ci/setup.sh
+
+setup-dev:
+	.ci/setup.sh --dev
+
+model: setup
+	$(PY) -m model.convert default
+
+serve: setup model
+	$(PY) -m app --port $(PORT)
+
+test: setup-dev
+	$(PY) -m model.convert default
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q -ra
+
+lint:
+	$(PY) -m ruff check .
+
+bench:
+	$(PY) -m bench.engine_throughput
