@@ -1,0 +1,231 @@
+"""LLMEngine: continuous batching over a KV cache — token ids in, token ids (and text deltas) out.
+
+    engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=16))
+    engine.add_request("r1", prompt_ids, SamplingParams(max_tokens=64))
+    while engine.has_unfinished():
+        for out in engine.step(): ...
+
+Not thread-safe: one thread owns an engine (the server's engine client runs it on its own thread).
+The tokenizer is used only to turn output tokens into text deltas and to match stop strings.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from model.engine.cache_manager import CacheManager
+from model.engine.detokenizer import IncrementalDetokenizer
+from model.engine.model_runner import ModelRunner
+from model.engine.scheduler import Scheduler
+from model.engine.sequence import FinishReason, RequestOutput, Sequence, SequenceStatus
+from model.kv_cache import KVCache
+from model.sampling import SamplingParams, make_generator
+from model.transformer import Transformer
+
+if TYPE_CHECKING:
+    from model.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class EngineError(Exception):
+    """A request the engine cannot take; the message is safe to show to the caller."""
+
+
+class PromptTooLong(EngineError):
+    def __init__(self, prompt_tokens: int, max_model_len: int) -> None:
+        super().__init__(f"prompt has {prompt_tokens} tokens but the model accepts at most "
+                         f"{max_model_len - 1} prompt tokens (max_model_len {max_model_len}, "
+                         "which also bounds prompt + generated tokens)")
+        self.prompt_tokens, self.max_model_len = prompt_tokens, max_model_len
+
+
+class RequestRejected(EngineError):
+    pass
+
+
+@dataclass
+class EngineConfig:
+    max_num_seqs: int = 16  # sequences decoded together (= KV-cache slots)
+    max_model_len: int = 2048  # prompt + output tokens per sequence (= KV-cache slot length)
+    max_num_batched_tokens: int = 512  # tokens per forward: decodes + prefill chunks
+    prefill_chunk: int = 256  # longest prefill piece per sequence per step
+    enable_prefix_caching: bool = True
+    max_kv_cache_bytes: int | None = None  # refuse to start if the cache would need more
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_model_len", "max_num_batched_tokens", "prefill_chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"EngineConfig.{name} must be >= 1")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError("max_num_batched_tokens must be >= max_num_seqs (one decode token per sequence)")
+
+
+@dataclass
+class EngineStats:
+    running: int
+    waiting: int
+    kv_slots_used: int
+    kv_slots_total: int
+    kv_tokens_used: int
+    kv_tokens_total: int
+    kv_cache_bytes: int
+    prefix_cache_hits: int
+    prefix_cache_misses: int
+    prefix_cache_tokens: int
+
+    @property
+    def kv_usage(self) -> float:
+        return self.kv_tokens_used / self.kv_tokens_total if self.kv_tokens_total else 0.0
+
+
+class LLMEngine:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer | None, config: EngineConfig | None = None
+                 ) -> None:
+        self.config = config = config or EngineConfig()
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        if config.max_model_len > model.config.max_seq_len:
+            log.warning("max_model_len %d exceeds the model's trained length %d", config.max_model_len,
+                        model.config.max_seq_len)
+        need = KVCache.bytes_needed(model.config, config.max_num_seqs, config.max_model_len, model.dtype)
+        if config.max_kv_cache_bytes is not None and need > config.max_kv_cache_bytes:
+            raise ValueError(f"KV cache needs {need / 2**20:.0f} MiB for {config.max_num_seqs} sequences x "
+                             f"{config.max_model_len} tokens, over the {config.max_kv_cache_bytes / 2**20:.0f} "
+                             "MiB allowed; lower max_num_seqs or max_model_len")
+        self.runner = ModelRunner(model, config.max_num_seqs, config.max_model_len)
+        self.cache_manager = CacheManager(config.max_num_seqs, config.max_model_len,
+                                          config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.cache_manager, config.max_num_batched_tokens, config.prefill_chunk)
+        self._seqs: dict[str, Sequence] = {}
+        self._base_stop_ids = frozenset(tokenizer.stop_ids) if tokenizer else frozenset(
+            [model.config.eos_token_id] if model.config.eos_token_id is not None else [])
+        log.info("KV cache: %d slots x %d tokens, %.1f MiB (%s on %s)", config.max_num_seqs,
+                 config.max_model_len, need / 2**20, model.dtype, model.device)
+
+    # ------------------------------------------------------------------------------ requests
+    def add_request(self, request_id: str, prompt_ids: Seq[int], params: SamplingParams) -> None:
+        prompt_ids = list(prompt_ids)
+        if request_id in self._seqs:
+            raise RequestRejected(f"request id {request_id!r} is already in use")
+        if not prompt_ids:
+            raise RequestRejected("prompt is empty")
+        if len(prompt_ids) >= self.config.max_model_len:
+            raise PromptTooLong(len(prompt_ids), self.config.max_model_len)
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise RequestRejected(f"prompt contains token ids outside [0, {vocab})")
+        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self._base_stop_ids)
+        detok = IncrementalDetokenizer(self.tokenizer.token_bytes, params.stop) if self.tokenizer else None
+        seq = Sequence(request_id, prompt_ids, params, stop_ids, make_generator(params, self.runner.device),
+                       detok)
+        self._seqs[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Cancel a request and free its cache slot now; returns its final output, if it existed."""
+        seq = self._seqs.pop(request_id, None)
+        if seq is None:
+            return None
+        self.scheduler.finish(seq)
+        seq.finish_reason = FinishReason.ABORT
+        return self._output(seq, [], "", None)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---------------------------------------------------------------------------------- step
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        if not plan.chunks:
+            return []
+        for allocation in plan.admitted:
+            if allocation.copy_from is not None:
+                self.runner.copy_prefix(allocation.copy_from, allocation.slot, allocation.cached_tokens)
+        sampled = iter(self.runner.execute(plan.chunks))
+        outputs = []
+        for chunk in plan.chunks:
+            seq = chunk.seq
+            self.cache_manager.record(seq.slot, seq.tokens(chunk.start, chunk.start + chunk.length))
+            seq.num_computed += chunk.length
+            if chunk.samples:
+                outputs.append(self._append_token(seq, next(sampled)))
+        return outputs
+
+    def _append_token(self, seq: Sequence, token: int) -> RequestOutput:
+        if seq.first_token_time is None:
+            seq.first_token_time = time.monotonic()
+        seq.output_ids.append(token)
+        delta, stop_reason = "", None
+        if token in seq.stop_ids:
+            seq.finish_reason, stop_reason = FinishReason.STOP, token
+        elif seq.detokenizer is not None:
+            delta = seq.detokenizer.add(token)
+            if seq.detokenizer.stopped_by is not None:
+                seq.finish_reason, stop_reason = FinishReason.STOP, seq.detokenizer.stopped_by
+        if seq.finish_reason is None and (len(seq.output_ids) >= seq.params.max_tokens
+                                          or seq.num_tokens >= self.config.max_model_len):
+            seq.finish_reason = FinishReason.LENGTH
+        if seq.finish_reason is not None:
+            if seq.detokenizer is not None:
+                delta += seq.detokenizer.flush()
+            self.scheduler.finish(seq)
+            del self._seqs[seq.request_id]
+        return self._output(seq, [token], delta, stop_reason)
+
+    def _output(self, seq: Sequence, new_ids: list[int], delta: str, stop_reason: str | int | None
+                ) -> RequestOutput:
+        logprobs = seq.logprobs[-len(new_ids):] if seq.params.logprobs is not None and new_ids else None
+        return RequestOutput(
+            request_id=seq.request_id, new_token_ids=new_ids, text_delta=delta,
+            token_ids=list(seq.output_ids), finished=seq.status is SequenceStatus.FINISHED,
+            finish_reason=seq.finish_reason, prompt_tokens=len(seq.prompt_ids),
+            completion_tokens=len(seq.output_ids), cached_tokens=seq.num_cached_prompt,
+            logprobs=logprobs, stop_reason=stop_reason,
+        )
+
+    # ------------------------------------------------------------------------------ offline
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
+                 ) -> list[RequestOutput]:
+        """Run prompts to completion; returns each one's final output (text = full text)."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [f"generate-{id(self)}-{i}" for i in range(len(prompts))]
+        for rid, prompt, p in zip(ids, prompts, plist, strict=True):
+            self.add_request(rid, prompt, p)
+        final: dict[str, RequestOutput] = {}
+        texts: dict[str, str] = dict.fromkeys(ids, "")
+        while self.has_unfinished():
+            for out in self.step():
+                texts[out.request_id] += out.text_delta
+                if out.finished:
+                    final[out.request_id] = out
+        for rid in ids:
+            final[rid].text_delta = texts[rid]
+        return [final[rid] for rid in ids]
+
+    def score(self, prompt_ids: list[int], continuations: list[list[int]]) -> list[float]:
+        """Sum of log p(continuation | prompt) for each continuation (ranks /classify labels)."""
+        if not prompt_ids or any(not c for c in continuations):
+            raise RequestRejected("scoring needs a non-empty prompt and non-empty continuations")
+        longest = len(prompt_ids) + max(len(c) for c in continuations)
+        if longest > self.config.max_model_len:
+            raise PromptTooLong(longest, self.config.max_model_len + 1)
+        return self.runner.score(prompt_ids, continuations)
+
+    def stats(self) -> EngineStats:
+        running = self.scheduler.running
+        return EngineStats(
+            running=len(running), waiting=len(self.scheduler.waiting),
+            kv_slots_used=self.cache_manager.num_used, kv_slots_total=self.config.max_num_seqs,
+            kv_tokens_used=sum(s.num_computed for s in running),
+            kv_tokens_total=self.config.max_num_seqs * self.config.max_model_len,
+            kv_cache_bytes=self.runner.cache.nbytes,
+            prefix_cache_hits=self.cache_manager.prefix_hits,
+            prefix_cache_misses=self.cache_manager.prefix_misses,
+            prefix_cache_tokens=self.cache_manager.prefix_tokens_reused,
+        )
+

@@ -1,0 +1,108 @@
+"""ModelRunner: the only engine part that touches tensors — owns the model and the KV cache, packs a
+scheduled step into one forward, and samples the next token of every sequence that needs one."""
+
+from __future__ import annotations
+
+import torch
+
+from model.engine.scheduler import ScheduledChunk
+from model.engine.sequence import Sequence, TokenLogprob
+from model.kv_cache import KVCache
+from model.sampling import sample_next, top_logprobs
+from model.transformer import Transformer
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, n_slots: int, max_seq_len: int) -> None:
+        self.model = model
+        self.device = model.device
+        self.cache = KVCache(model.config, n_slots, max_seq_len, dtype=model.dtype, device=self.device)
+
+    def copy_prefix(self, src: int, dst: int, length: int) -> None:
+        """Reuse another slot's K/V for a shared prompt prefix."""
+        self.cache.k[:, dst, :, :length] = self.cache.k[:, src, :, :length]
+        self.cache.v[:, dst, :, :length] = self.cache.v[:, src, :, :length]
+
+    @torch.inference_mode()
+    def execute(self, chunks: list[ScheduledChunk]) -> list[int]:
+        """Run one forward over every chunk; return the sampled token for each chunk with
+        `samples=True`, in order."""
+        # 1. pack tokens and positions: (1, N)
+        tokens: list[int] = []
+        positions: list[int] = []
+        logits_index: list[int] = []
+        for c in chunks:
+            tokens += c.seq.tokens(c.start, c.start + c.length)
+            positions += range(c.start, c.start + c.length)
+            if c.samples:
+                logits_index.append(len(tokens) - 1)
+        batch = self.cache.batch([c.seq.slot for c in chunks], [c.start for c in chunks],
+                                 [c.length for c in chunks])
+        t = torch.tensor([tokens], device=self.device)
+        p = torch.tensor([positions], device=self.device)
+        if not logits_index:
+            self.model(t, p, kv_cache=batch, logits_index=torch.tensor([0], device=self.device))
+            return []
+        # 2. forward; logits only where a token is sampled: (K, V)
+        logits = self.model(t, p, kv_cache=batch,
+                            logits_index=torch.tensor(logits_index, device=self.device)).float()
+        # 3. sample
+        sampling = [c.seq for c in chunks if c.samples]
+        return self.sample(logits, sampling)
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+        """logits (K, V) fp32, one row per sequence -> next token ids."""
+        plain = [i for i, s in enumerate(seqs) if s.params.is_plain_greedy
+                 and len(s.output_ids) >= s.params.min_tokens]
+        out = [0] * len(seqs)
+        if plain:
+            ids = logits[plain].argmax(dim=-1).tolist() if len(plain) < len(seqs) else logits.argmax(-1).tolist()
+            for i, token in zip(plain, ids, strict=True):
+                out[i] = token
+        plain_set = set(plain)
+        for i, seq in enumerate(seqs):
+            if i not in plain_set:
+                banned = sorted(seq.stop_ids) if len(seq.output_ids) < seq.params.min_tokens else ()
+                out[i] = sample_next(logits[i], seq.params, seq.generator, seq.prompt_ids, seq.output_ids,
+                                     banned)
+            if seq.params.logprobs is not None:
+                chosen, top = top_logprobs(logits[i], out[i], seq.params.logprobs)
+                seq.logprobs.append(TokenLogprob(out[i], chosen, top))
+        return out
+
+    @torch.inference_mode()
+    def score(self, prompt_ids: list[int], continuations: list[list[int]], max_rows_tokens: int = 4096
+              ) -> list[float]:
+        """Sum of log p(continuation | prompt) for each continuation, batched without the cache:
+        rows prompt+continuation are right-padded (padding only follows the scored tokens, so causal
+        attention never lets it change them)."""
+        scores: list[float] = []
+        i = 0
+        while i < len(continuations):
+            rows: list[list[int]] = []
+            width = 0
+            while i < len(continuations):
+                row = prompt_ids + continuations[i]
+                if rows and max(width, len(row)) * (len(rows) + 1) > max_rows_tokens:
+                    break
+                rows.append(row)
+                width = max(width, len(row))
+                i += 1
+            tokens = torch.tensor([r + [0] * (width - len(r)) for r in rows], device=self.device)
+            # logits only at the positions that predict a continuation token: (K, V)
+            index, targets, owners = [], [], []
+            for r, row in enumerate(rows):
+                for pos in range(len(prompt_ids) - 1, len(row) - 1):
+                    index.append(r * width + pos)
+                    targets.append(row[pos + 1])
+                    owners.append(r)
+            row_scores = [0.0] * len(rows)
+            if index:
+                logits = self.model(tokens, logits_index=torch.tensor(index, device=self.device)).float()
+                picked = torch.log_softmax(logits, dim=-1).gather(
+                    1, torch.tensor(targets, device=self.device)[:, None])[:, 0]
+                per_row = torch.zeros(len(rows), dtype=torch.float64, device=self.device)
+                per_row.index_add_(0, torch.tensor(owners, device=self.device), picked.double())
+                row_scores = per_row.tolist()
+            scores += row_scores
+        return scores
