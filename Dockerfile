@@ -1,0 +1,84 @@
+# Seedling image: the HTTP server (default command) and the training jobs (`seedling-train ...`).
+#
+#   docker build --network host -t seedling .                                   # CPU torch (default)
+#   docker build --network host -t seedling:cuda \
+#       --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 .         # CUDA torch
+#   docker run --rm --network host -v seedling-data:/data seedling               # serves on :8000
+#
+# Python is installed by .ci/setup.sh, the same script as the README quick start and CI, so a green
+# CI run proves this image's Python set-up. No weights and no secrets are baked in: checkpoints live
+# in the /data volume (SEEDLING_HOME) and every setting is a SEEDLING_* environment variable.
+
+ARG BASE_IMAGE=debian:bookworm-slim
+
+# ---- build: a virtual environment in /opt/venv, made by .ci/setup.sh ---------------------------
+FROM ${BASE_IMAGE} AS build
+# TORCH_INDEX: the wheel index for torch. The CPU index gives a small CPU-only image; a CUDA index
+# (e.g. https://download.pytorch.org/whl/cu128) gives an image that uses the GPU with no code change;
+# empty means PyPI (whose Linux torch wheels bundle CUDA libraries: large, but run on CPU too).
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ARG TORCH_SPEC=torch==2.13.0
+# PIP_FIND_LINKS: an optional local wheel directory/URL (air-gapped builds; see README Troubleshooting)
+ARG PIP_FIND_LINKS=
+ENV DEBIAN_FRONTEND=noninteractive \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DEFAULT_TIMEOUT=120 \
+    PIP_FIND_LINKS=${PIP_FIND_LINKS} \
+    VENV=/opt/venv \
+    TORCH_INDEX=${TORCH_INDEX} \
+    TORCH_SPEC=${TORCH_SPEC}
+# Debian's python3 is pinned by the bookworm release itself.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /opt/seedling
+# 1. dependencies first (torch and the rest; cached until pyproject.toml or setup.sh change):
+#    setup.sh on the project metadata alone, with empty packages and README.
+COPY pyproject.toml ./
+COPY .ci/setup.sh .ci/setup.sh
+RUN mkdir model training app && touch README.md && .ci/setup.sh
+# 2. the code, then the same script again (dependencies already satisfied: installs the project)
+COPY README.md ./
+COPY model model
+COPY training training
+COPY app app
+RUN .ci/setup.sh && rm -rf ./*.egg-info/ .ci/ \
+    && find /opt/venv /opt/seedling -name __pycache__ -prune -exec rm -rf {} +
+
+# ---- runtime: python3, the venv and the code; runs as a non-root user -------------------------
+FROM ${BASE_IMAGE} AS runtime
+ENV DEBIAN_FRONTEND=noninteractive
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --system --uid 10001 --user-group --create-home --home-dir /home/seedling seedling \
+    && mkdir -p /data \
+    && chown seedling:seedling /data
+# the venv's editable install points at /opt/seedling, so both keep their paths
+COPY --from=build /opt/venv /opt/venv
+COPY --from=build /opt/seedling /opt/seedling
+# Settings: SEEDLING_* variables (README "Configuration"); only the container-specific ones here.
+# NVIDIA_*: read by the NVIDIA container toolkit when the CUDA build runs with a GPU reservation.
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    HOME=/home/seedling \
+    SEEDLING_HOME=/data \
+    SEEDLING_HOST=0.0.0.0 \
+    SEEDLING_PORT=8000 \
+    NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
+WORKDIR /data
+VOLUME ["/data"]
+USER 10001:10001
+EXPOSE 8000
+# /ready is 503 until the model is loaded and warm, and while draining after SIGTERM.
+# The first start may download the default model, hence the long start period.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=600s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/ready' % os.environ.get('SEEDLING_PORT', '8000'), timeout=4)"]
+# SIGTERM reaches the server directly (exec-form CMD, python is PID 1): it stops admitting new
+# requests, drains in-flight ones for up to SEEDLING_DRAIN_TIMEOUT_S, then exits.
+STOPSIGNAL SIGTERM
+CMD ["python", "-m", "app"]
