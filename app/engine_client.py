@@ -1,0 +1,310 @@
+"""EngineClient: one background thread owns the LLMEngine and the device; asyncio talks to it.
+
+Owns: the engine thread, the command queue into it, one `RequestStream` per request out of it,
+admission (how many items may be in flight), drain and failure state.
+Must not: run a forward pass on the event loop, know about HTTP, or hold scheduling policy
+(the engine schedules; this only feeds it and fans its outputs out).
+
+    client = EngineClient(engine, admission_limit=80).start()
+    with client.reserve(1):                                   # 429 Overloaded / 503 Unavailable
+        async for out in client.generate("req-1", prompt_ids, params):
+            ...                                               # RequestOutput deltas
+    scores = await client.score(prompt_ids, [cont_a, cont_b]) # runs on the engine thread too
+
+Threading: the event loop only enqueues commands (add / abort / score / stop) and awaits its
+stream; the engine thread drains commands between steps, calls `engine.step()`, and hands each
+step's outputs to the right event loop with ONE `call_soon_threadsafe` per loop per step.
+If `step()` raises, every open stream gets the error, `failure` is set (/health turns red) and
+the thread stops; nothing is retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from model.sampling import SamplingParams
+
+from .errors import DeadlineExceeded, Overloaded, Unavailable
+
+log = logging.getLogger("seedling.engine_client")
+
+
+class EngineDead(RuntimeError):
+    """The engine thread failed; open and new requests error out (503)."""
+
+
+class RequestAborted(RuntimeError):
+    """The engine client stopped while this request was running."""
+
+
+# ----------------------------------------------------------------------------
+# per-request stream (filled from the engine thread, read on the request's event loop)
+
+@dataclass
+class RequestStream:
+    request_id: str
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
+    t_created: float = field(default_factory=time.perf_counter)
+    t_added: float | None = None  # when the engine thread handed it to engine.add_request
+    done: bool = False
+
+
+@dataclass
+class Reservation:
+    """Admission for `n` items; release exactly once (context manager or `.release()`)."""
+
+    client: EngineClient
+    n: int
+    released: bool = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.client._release(self.n)
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+_STOP = object()
+
+
+class EngineClient:
+    def __init__(self, engine: Any, admission_limit: int, retry_after_s: int = 1) -> None:
+        self.engine = engine
+        self.admission_limit = admission_limit
+        self.retry_after_s = retry_after_s
+        self.failure: BaseException | None = None
+        self.draining = False
+        self.stats: Any = None  # last EngineStats snapshot (written by the engine thread)
+        self._commands: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._streams: dict[str, RequestStream] = {}  # engine thread only
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> EngineClient:
+        self._thread = threading.Thread(target=self._run, name="seedling-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Abort what is left, stop the thread, join it."""
+        if self._thread is None:
+            return
+        self._commands.put(("stop",))
+        self._thread.join(timeout)
+        self._thread = None
+
+    @property
+    def alive(self) -> bool:
+        return self.failure is None and self._thread is not None and self._thread.is_alive()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def begin_drain(self) -> None:
+        """Stop admitting; in-flight requests continue."""
+        self.draining = True
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request is in flight (True) or the timeout passes (False)."""
+        deadline = time.monotonic() + timeout
+        while self._in_flight > 0:
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
+    # ------------------------------------------------------------------ admission
+    def reserve(self, n: int = 1) -> Reservation:
+        """Admit n items or raise: Unavailable (failed / draining / stopped), Overloaded (full)."""
+        if self.failure is not None:
+            raise Unavailable(f"engine failed: {self.failure!r}", code="engine_failed")
+        if self.draining:
+            raise Unavailable("server is draining (shutting down); retry on another replica",
+                              code="draining")
+        if self._thread is None:
+            raise Unavailable("engine is not running", code="not_ready")
+        with self._lock:
+            if self._in_flight + n > self.admission_limit:
+                raise Overloaded(
+                    f"server is at capacity ({self._in_flight} requests in flight, limit "
+                    f"{self.admission_limit}); retry after {self.retry_after_s}s",
+                    code="overloaded", headers={"Retry-After": str(self.retry_after_s)})
+            self._in_flight += n
+        return Reservation(self, n)
+
+    def _release(self, n: int) -> None:
+        with self._lock:
+            self._in_flight -= n
+            assert self._in_flight >= 0, "released more than reserved"
+
+    # ------------------------------------------------------------------ requests
+    async def generate(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
+                       deadline: float | None = None, timer: Any = None) -> AsyncIterator[Any]:
+        """Yield RequestOutputs until one is finished. Leaving early (disconnect, cancellation, or
+        `deadline` (loop.time()) passing -> DeadlineExceeded) aborts the request in the engine and
+        frees its cache slot. `timer.on_output(out, t_added)` sees every output (metrics)."""
+        self._check_alive()
+        loop = asyncio.get_running_loop()
+        stream = RequestStream(request_id, loop)
+        self._commands.put(("add", stream, list(prompt_ids), params))
+        alarm = None
+        if deadline is not None:
+            alarm = loop.call_at(deadline, stream.queue.put_nowait, DeadlineExceeded(
+                "request deadline exceeded; the request was aborted", code="timeout"))
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    stream.done = True
+                    raise item
+                if item.finished:
+                    stream.done = True
+                if timer is not None:
+                    timer.on_output(item, stream.t_added)
+                yield item
+                if stream.done:
+                    return
+        finally:
+            if alarm is not None:
+                alarm.cancel()
+            if not stream.done:
+                self._commands.put(("abort", request_id))
+
+    async def score(self, prompt_ids: Sequence[int], continuations: Sequence[Sequence[int]]) -> list[float]:
+        """engine.score on the engine thread: sum log p(continuation | prompt) per continuation."""
+        return await self.call(self.engine.score, list(prompt_ids), [list(c) for c in continuations])
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run fn(*args) on the engine thread between steps (it may touch the device)."""
+        self._check_alive()
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._commands.put(("call", future, fn, args))
+        return await asyncio.wrap_future(future)
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+
+    def _check_alive(self) -> None:
+        if self.failure is not None:
+            raise EngineDead(f"engine failed: {self.failure!r}")
+        if self._thread is None:
+            raise EngineDead("engine is not running")
+
+    # ------------------------------------------------------------------ engine thread
+    def _run(self) -> None:
+        try:
+            self._snapshot()
+            while True:
+                busy = self.engine.has_unfinished()
+                # 1. commands: block while idle, otherwise take whatever is queued
+                while True:
+                    try:
+                        command = self._commands.get(block=not busy)
+                    except queue.Empty:
+                        break
+                    if command[0] == "stop":
+                        self._shutdown(RequestAborted("server shutting down"))
+                        return
+                    self._handle(command)
+                    busy = self.engine.has_unfinished()
+                # 2. one engine step for everything running
+                if busy:
+                    outputs = self.engine.step()
+                    self._dispatch(outputs)
+                    self._snapshot()
+        except BaseException as exc:  # noqa: BLE001 - any engine failure ends every stream
+            log.exception("engine thread failed")
+            self.failure = exc
+            self._shutdown(EngineDead(f"engine failed: {exc!r}"))
+
+    def _handle(self, command: tuple[Any, ...]) -> None:
+        kind = command[0]
+        if kind == "add":
+            _, stream, prompt_ids, params = command
+            try:
+                self.engine.add_request(stream.request_id, prompt_ids, params)
+            except Exception as exc:  # a request error (too long, rejected): only this stream
+                self._deliver(stream, exc)
+                return
+            stream.t_added = time.perf_counter()
+            self._streams[stream.request_id] = stream
+        elif kind == "abort":
+            if self._streams.pop(command[1], None) is not None:
+                self.engine.abort(command[1])
+                self._snapshot()
+        elif kind == "call":
+            _, future, fn, args = command
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except Exception as exc:
+                    future.set_exception(exc)
+        else:  # pragma: no cover - our own commands only
+            raise AssertionError(f"unknown command {kind!r}")
+
+    def _dispatch(self, outputs: list[Any]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, Any]]] = defaultdict(list)
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:  # aborted meanwhile
+                continue
+            if out.finished:
+                del self._streams[out.request_id]
+            by_loop[stream.loop].append((stream, out))
+        for loop, items in by_loop.items():
+            _call_in_loop(loop, _put_many, items)
+
+    def _deliver(self, stream: RequestStream, item: Any) -> None:
+        _call_in_loop(stream.loop, stream.queue.put_nowait, item)
+
+    def _snapshot(self) -> None:
+        try:
+            self.stats = self.engine.stats()
+        except Exception:  # stats are best effort
+            log.debug("engine.stats() failed", exc_info=True)
+
+    def _shutdown(self, error: BaseException) -> None:
+        """Fail every open stream and pending command with `error`."""
+        for request_id, stream in list(self._streams.items()):
+            with contextlib.suppress(Exception):  # the engine may be broken; streams still get the error
+                self.engine.abort(request_id)
+            self._deliver(stream, error)
+        self._streams.clear()
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if command[0] == "add":
+                self._deliver(command[1], error)
+            elif command[0] == "call" and command[1].set_running_or_notify_cancel():
+                command[1].set_exception(error)
+
+
+def _put_many(items: list[tuple[RequestStream, Any]]) -> None:
+    for stream, out in items:
+        stream.queue.put_nowait(out)
+
+
+def _call_in_loop(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> None:
+    with contextlib.suppress(RuntimeError):  # the request's loop is closed: nobody listens any more
+        loop.call_soon_threadsafe(fn, *args)

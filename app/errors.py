@@ -1,0 +1,120 @@
+"""The error kinds of the HTTP service and the ONE table that maps them to HTTP status.
+
+Every error leaves the server in the OpenAI envelope
+    {"error": {"message": str, "type": str, "param": str | null, "code": str | null}}
+whether it is raised by a handler (`ApiError` subclasses), by the engine (`EngineError`,
+`SamplingError`, `TaskError` are translated in `to_api_error`), by request validation (FastAPI's
+422 is overridden to 400 naming the field), or by Starlette (404/405 routes).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ApiError(Exception):
+    """An error with an envelope; `kind` picks the HTTP status from STATUS."""
+
+    kind = "invalid_request"
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    @property
+    def status(self) -> int:
+        return STATUS[self.kind][0]
+
+    def envelope(self) -> dict[str, Any]:
+        return error_envelope(self.message, STATUS[self.kind][1], self.param, self.code)
+
+
+class InvalidRequest(ApiError):
+    kind = "invalid_request"
+
+
+class PromptTooLongError(ApiError):
+    kind = "invalid_request"
+
+
+class Unauthorized(ApiError):
+    kind = "unauthorized"
+
+
+class NotFound(ApiError):
+    kind = "not_found"
+
+
+class BodyTooLarge(ApiError):
+    kind = "body_too_large"
+
+
+class Overloaded(ApiError):
+    kind = "overloaded"
+
+
+class Unavailable(ApiError):
+    kind = "unavailable"
+
+
+class DeadlineExceeded(ApiError):
+    kind = "timeout"
+
+
+class InternalError(ApiError):
+    kind = "internal"
+
+
+# kind -> (HTTP status, OpenAI `type`)
+STATUS: dict[str, tuple[int, str]] = {
+    "invalid_request": (400, "invalid_request_error"),
+    "unauthorized": (401, "authentication_error"),
+    "not_found": (404, "not_found_error"),
+    "method_not_allowed": (405, "invalid_request_error"),
+    "body_too_large": (413, "invalid_request_error"),
+    "overloaded": (429, "overloaded_error"),
+    "unavailable": (503, "service_unavailable_error"),
+    "timeout": (504, "timeout_error"),
+    "internal": (500, "internal_error"),
+}
+# status -> kind for errors raised by Starlette itself (unknown routes, wrong methods)
+KIND_BY_STATUS = {status: kind for kind, (status, _) in STATUS.items()}
+
+
+def error_envelope(message: str, type_: str, param: str | None = None,
+                   code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def to_api_error(exc: BaseException) -> ApiError:
+    """Translate errors from `model` (engine, sampling, tasks) into ApiError; others are internal."""
+    if isinstance(exc, ApiError):
+        return exc
+    from model.sampling import SamplingError
+    from model.tasks import TaskError
+
+    if isinstance(exc, SamplingError):
+        return InvalidRequest(str(exc), param=exc.param, code="invalid_value")
+    if isinstance(exc, TaskError):
+        return InvalidRequest(str(exc), code="invalid_value")
+    try:
+        from model.engine import PromptTooLong, RequestRejected
+    except ImportError:  # engine not importable: nothing more to translate
+        return InternalError("internal error", code="internal_error")
+    if isinstance(exc, PromptTooLong):
+        return prompt_too_long(exc.prompt_tokens, exc.max_model_len)
+    if isinstance(exc, RequestRejected):
+        return InvalidRequest(str(exc), code="request_rejected")
+    return InternalError("internal error", code="internal_error")
+
+
+def prompt_too_long(prompt_tokens: int, max_model_len: int, max_tokens: int | None = None) -> ApiError:
+    extra = f" plus max_tokens {max_tokens}" if max_tokens is not None else ""
+    return PromptTooLongError(
+        f"prompt is {prompt_tokens} tokens{extra}, but this model's maximum context length is "
+        f"{max_model_len} tokens; shorten the prompt (it is never truncated silently)",
+        param="messages", code="context_length_exceeded")

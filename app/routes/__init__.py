@@ -1,0 +1,1 @@
+"""Thin routers over `app.service.Service`: tasks (/chat ...), openai (/v1/...), utility (probes, tokens)."""

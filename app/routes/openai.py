@@ -1,0 +1,188 @@
+"""OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/models.
+
+The official `openai` client works against these unchanged (tests/test_app_openai.py). Streams
+follow OpenAI's chunk shapes: a first chunk with the assistant role, content deltas, a chunk with
+`finish_reason`, an optional usage chunk (`stream_options.include_usage`), then `[DONE]`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+
+from ..errors import InvalidRequest, NotFound
+from ..protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionRequest,
+    ChoiceLogprobs,
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+    check_batch,
+)
+from ..service import Service
+from .common import ERROR_RESPONSES, SSE_RESPONSE, event_stream, get_service, request_id, sse, token_text
+
+router = APIRouter(tags=["openai"])
+STARTED = int(time.time())
+
+
+def _check_model(svc: Service, model: str | None) -> None:
+    if model is not None and model != svc.model_name:
+        raise NotFound(f"model {model!r} does not exist; this server serves {svc.model_name!r} "
+                       "(see GET /v1/models)", param="model", code="model_not_found")
+
+
+def _chat_logprobs(svc: Service, logprobs: list[Any]) -> ChoiceLogprobs:
+    content = []
+    for lp in logprobs:
+        text, raw = token_text(svc, lp.token_id)
+        tops = []
+        for tid, value in lp.top:
+            ttext, traw = token_text(svc, tid)
+            tops.append(TopLogprob(token=ttext, logprob=value, bytes=traw))
+        content.append(TokenLogprob(token=text, logprob=lp.logprob, bytes=raw, top_logprobs=tops))
+    return ChoiceLogprobs(content=content)
+
+
+def _completion_logprobs(svc: Service, logprobs: list[Any], offset: int) -> CompletionLogprobs:
+    tokens, values, tops, offsets = [], [], [], []
+    for lp in logprobs:
+        text, _ = token_text(svc, lp.token_id)
+        tokens.append(text)
+        values.append(lp.logprob)
+        tops.append({token_text(svc, tid)[0]: value for tid, value in lp.top})
+        offsets.append(offset)
+        offset += len(text)
+    return CompletionLogprobs(tokens=tokens, token_logprobs=values, top_logprobs=tops, text_offset=offsets)
+
+
+def _reason(out: Any) -> str | None:
+    reason = out.finish_reason
+    return None if reason is None else str(getattr(reason, "value", reason))
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def models(svc: Service = Depends(get_service)) -> ModelList:
+    return ModelList(data=[ModelCard(id=svc.model_name, created=STARTED, max_model_len=svc.max_model_len)])
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletion, responses={**ERROR_RESPONSES, **SSE_RESPONSE})
+async def chat_completions(body: ChatCompletionRequest, request: Request,
+                           svc: Service = Depends(get_service)) -> Any:
+    _check_model(svc, body.model)
+    params = body.sampling_params(svc.limits)
+    ids = svc.chat_prompt([m.plain() for m in body.messages])
+    params = svc.fit(ids, params, body.explicit_max_tokens)
+    rid = "chatcmpl-" + request_id(request)
+    if body.stream:
+        created = int(time.time())
+        base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": svc.model_name}
+        usage_field = {"usage": None} if body.include_usage else {}
+
+        def chunk(delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> str:
+            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+            return sse({**base, "choices": [choice], **usage_field})
+
+        async def events() -> AsyncIterator[str]:
+            yield chunk({"role": "assistant", "content": ""})
+            deadline = svc.deadline(asyncio.get_running_loop().time())
+            async for out in svc.stream(rid, ids, params, "chat_completions", deadline):
+                lp = _chat_logprobs(svc, out.logprobs).model_dump() if out.logprobs else None
+                if out.text_delta or lp:
+                    yield chunk({"content": out.text_delta}, logprobs=lp)
+                if out.finished:
+                    yield chunk({}, finish=_reason(out))
+                    if body.include_usage:
+                        usage = Usage.of(out.prompt_tokens, out.completion_tokens).model_dump()
+                        yield sse({**base, "choices": [], "usage": usage})
+
+        return event_stream(svc, events)
+    [g] = await svc.complete_many(request, rid, [(ids, params)], "chat_completions")
+    logprobs = _chat_logprobs(svc, g.logprobs) if params.logprobs is not None else None
+    choice = ChatChoice(index=0, message=AssistantMessage(content=g.text), logprobs=logprobs,
+                        finish_reason=g.finish_reason)
+    return ChatCompletion(id=rid, model=svc.model_name, choices=[choice],
+                          usage=Usage.of(g.prompt_tokens, g.completion_tokens))
+
+
+@router.post("/v1/completions", response_model=Completion, responses={**ERROR_RESPONSES, **SSE_RESPONSE})
+async def completions(body: CompletionRequest, request: Request, svc: Service = Depends(get_service)) -> Any:
+    _check_model(svc, body.model)
+    if body.echo and body.logprobs is not None:
+        raise InvalidRequest("echo with logprobs is not supported", param="echo", code="unsupported_value")
+    params = body.sampling_params(svc.limits)
+    prompts = body.prompts()
+    check_batch(prompts, svc.limits, "prompt")
+    items = []
+    for p in prompts:
+        ids = svc.text_prompt(p)
+        items.append((ids, svc.fit(ids, params, body.explicit_max_tokens, param="prompt")))
+    echoes = [(p if isinstance(p, str) else svc.tokenizer.decode(p)) if body.echo else "" for p in prompts]
+    rid = "cmpl-" + request_id(request)
+    if body.stream:
+        created = int(time.time())
+        base = {"id": rid, "object": "text_completion", "created": created, "model": svc.model_name}
+        usage_field = {"usage": None} if body.include_usage else {}
+
+        async def events() -> AsyncIterator[str]:
+            queue: asyncio.Queue[Any] = asyncio.Queue()
+            deadline = svc.deadline(asyncio.get_running_loop().time())
+
+            async def pump(i: int) -> None:
+                try:
+                    item_id = rid if len(items) == 1 else f"{rid}-{i}"
+                    async for out in svc.stream(item_id, items[i][0], items[i][1], "completions", deadline):
+                        await queue.put((i, out))
+                except Exception as exc:  # noqa: BLE001 - forwarded to the stream
+                    await queue.put((i, exc))
+
+            tasks = [asyncio.create_task(pump(i)) for i in range(len(items))]
+            prompt_total = completion_total = 0
+            try:
+                for i, echo in enumerate(echoes):
+                    if echo:
+                        yield sse({**base, "choices": [{"index": i, "text": echo, "logprobs": None,
+                                                        "finish_reason": None}], **usage_field})
+                open_items = len(items)
+                while open_items:
+                    i, out = await queue.get()
+                    if isinstance(out, Exception):
+                        raise out
+                    lp = (_completion_logprobs(svc, out.logprobs, 0).model_dump() if out.logprobs else None)
+                    if out.text_delta or lp or out.finished:
+                        choice = {"index": i, "text": out.text_delta, "logprobs": lp,
+                                  "finish_reason": _reason(out) if out.finished else None}
+                        yield sse({**base, "choices": [choice], **usage_field})
+                    if out.finished:
+                        open_items -= 1
+                        prompt_total += out.prompt_tokens
+                        completion_total += out.completion_tokens
+                if body.include_usage:
+                    yield sse({**base, "choices": [], "usage": Usage.of(prompt_total, completion_total).model_dump()})
+            finally:
+                for task in tasks:
+                    task.cancel()
+
+        return event_stream(svc, events, n_items=len(items))
+    results = await svc.complete_many(request, rid, items, "completions")
+    choices = []
+    usage = Usage()
+    for i, (g, echo) in enumerate(zip(results, echoes, strict=True)):
+        logprobs = _completion_logprobs(svc, g.logprobs, 0) if params.logprobs is not None else None
+        choices.append(CompletionChoice(index=i, text=echo + g.text, logprobs=logprobs,
+                                        finish_reason=g.finish_reason))
+        usage = usage.add(Usage.of(g.prompt_tokens, g.completion_tokens))
+    return Completion(id=rid, model=svc.model_name, choices=choices, usage=usage)

@@ -1,0 +1,163 @@
+"""Task endpoints: /chat, /summarize, /translate, /classify — single input or a list.
+
+Prompts come from `model.tasks` (shared with fine-tuning); sampling is greedy unless overridden.
+A list input is generated in the same engine batches; the response then has `results` and a
+summed `usage`. /chat with `stream: true` (one conversation) sends SSE deltas
+`{"id", "index", "delta"}`, then `{"id", "finish_reason", "usage"}`, then `[DONE]`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+
+from model import tasks
+
+from ..errors import InvalidRequest
+from ..protocol import (
+    AssistantMessage,
+    ChatBatchResponse,
+    ChatItem,
+    ChatRequest,
+    ChatResponse,
+    ClassifyBatchResponse,
+    ClassifyItem,
+    ClassifyRequest,
+    ClassifyResponse,
+    LabelScore,
+    SummarizeRequest,
+    TextBatchResponse,
+    TextItem,
+    TextResponse,
+    TranslateRequest,
+    Usage,
+    as_list,
+    check_batch,
+)
+from ..service import Generated, Service
+from .common import ERROR_RESPONSES, SSE_RESPONSE, event_stream, get_service, request_id, sse
+
+router = APIRouter(tags=["tasks"])
+
+
+def _usage(g: Generated) -> Usage:
+    return Usage.of(g.prompt_tokens, g.completion_tokens)
+
+
+def _total(items: list[Any]) -> Usage:
+    total = Usage()
+    for item in items:
+        total = total.add(item.usage)
+    return total
+
+
+@router.post("/chat", response_model=ChatResponse | ChatBatchResponse,
+             responses={**ERROR_RESPONSES, **SSE_RESPONSE})
+async def chat(body: ChatRequest, request: Request, svc: Service = Depends(get_service)) -> Any:
+    conversations, is_batch = body.conversations()
+    check_batch(conversations, svc.limits, "messages")
+    params = body.sampling_params(svc.limits)
+    items = []
+    for conv in conversations:
+        ids = svc.chat_prompt([m.model_dump() for m in conv])
+        items.append((ids, svc.fit(ids, params, body.explicit_max_tokens)))
+    rid = request_id(request)
+    if body.stream:
+        if is_batch:
+            raise InvalidRequest("stream supports one conversation; send a list without stream",
+                                 param="stream")
+        ids, item_params = items[0]
+
+        async def events() -> AsyncIterator[str]:
+            deadline = svc.deadline(_loop_time())
+            async for out in svc.stream(rid, ids, item_params, "chat", deadline):
+                if out.text_delta:
+                    yield sse({"id": rid, "index": 0, "delta": out.text_delta})
+                if out.finished:
+                    yield sse({"id": rid, "index": 0, "finish_reason": _reason(out),
+                               "usage": Usage.of(out.prompt_tokens, out.completion_tokens).model_dump()})
+
+        return event_stream(svc, events)
+    results = await svc.complete_many(request, rid, items, "chat")
+    chat_items = [ChatItem(message=AssistantMessage(content=g.text), finish_reason=g.finish_reason,
+                           usage=_usage(g)) for g in results]
+    if is_batch:
+        return ChatBatchResponse(id=rid, model=svc.model_name, results=chat_items, usage=_total(chat_items))
+    return ChatResponse(id=rid, model=svc.model_name, **chat_items[0].model_dump())
+
+
+async def _text_task(request: Request, svc: Service, body: Any, texts: list[str], is_batch: bool,
+                     messages: list[list[dict[str, str]]], endpoint: str) -> Any:
+    params = body.sampling_params(svc.limits)
+    items = []
+    for conv in messages:
+        ids = svc.chat_prompt(conv)
+        items.append((ids, svc.fit(ids, params, body.explicit_max_tokens, param="text")))
+    rid = request_id(request)
+    results = await svc.complete_many(request, rid, items, endpoint)
+    text_items = [TextItem(text=g.text.strip(), finish_reason=g.finish_reason, usage=_usage(g)) for g in results]
+    if is_batch:
+        return TextBatchResponse(id=rid, model=svc.model_name, results=text_items, usage=_total(text_items))
+    return TextResponse(id=rid, model=svc.model_name, **text_items[0].model_dump())
+
+
+def _task_messages(build: Any, texts: list[str], *args: Any) -> list[list[dict[str, str]]]:
+    try:
+        return [build(text, *args) for text in texts]
+    except tasks.TaskError as exc:
+        raise InvalidRequest(str(exc), param="text") from None
+
+
+@router.post("/summarize", response_model=TextResponse | TextBatchResponse, responses=ERROR_RESPONSES)
+async def summarize(body: SummarizeRequest, request: Request, svc: Service = Depends(get_service)) -> Any:
+    texts, is_batch = as_list(body.text)
+    check_batch(texts, svc.limits, "text")
+    messages = _task_messages(tasks.summarize_messages, texts, body.max_words)
+    return await _text_task(request, svc, body, texts, is_batch, messages, "summarize")
+
+
+@router.post("/translate", response_model=TextResponse | TextBatchResponse, responses=ERROR_RESPONSES)
+async def translate(body: TranslateRequest, request: Request, svc: Service = Depends(get_service)) -> Any:
+    texts, is_batch = as_list(body.text)
+    check_batch(texts, svc.limits, "text")
+    try:
+        messages = [tasks.translate_messages(t, body.target_lang, body.source_lang) for t in texts]
+    except tasks.TaskError as exc:
+        param = "text" if "text" in str(exc) else "target_lang"
+        raise InvalidRequest(str(exc), param=param) from None
+    return await _text_task(request, svc, body, texts, is_batch, messages, "translate")
+
+
+@router.post("/classify", response_model=ClassifyResponse | ClassifyBatchResponse, responses=ERROR_RESPONSES)
+async def classify(body: ClassifyRequest, request: Request, svc: Service = Depends(get_service)) -> Any:
+    """Zero-shot (given `labels`) or fine-tuned (checkpoint label set) classification.
+
+    Labels are ranked by the log-likelihood of the model answering each label to the
+    `model.tasks` classify prompt. Single-label: softmax over labels, scores sum to 1.
+    `multi_label`: each label scored on its own as exp(mean token log-probability) of its
+    answer — in (0, 1], not normalized across labels; `labels` lists those >= `threshold`."""
+    texts, is_batch = as_list(body.text)
+    check_batch(texts, svc.limits, "text")
+    scored = await svc.classify(request, texts, body.labels, body.multi_label, body.threshold,
+                                body.label_set)
+    items = [ClassifyItem(label=s.label, labels=s.labels,
+                          scores=[LabelScore(label=lab, score=p) for lab, p in s.scores],
+                          usage=Usage.of(s.prompt_tokens, 0)) for s in scored]
+    rid = request_id(request)
+    if is_batch:
+        return ClassifyBatchResponse(id=rid, model=svc.model_name, multi_label=body.multi_label,
+                                     results=items, usage=_total(items))
+    return ClassifyResponse(id=rid, model=svc.model_name, multi_label=body.multi_label, **items[0].model_dump())
+
+
+def _reason(out: Any) -> str | None:
+    reason = out.finish_reason
+    return None if reason is None else str(getattr(reason, "value", reason))
+
+
+def _loop_time() -> float:
+    import asyncio
+
+    return asyncio.get_running_loop().time()

@@ -1,0 +1,89 @@
+"""Utility routes: /tokenize, /detokenize, /health (liveness), /ready (readiness), /metrics.
+
+/health, /ready and /metrics are open (no API key) so probes and scrapers work.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from ..errors import InvalidRequest
+from ..protocol import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ErrorResponse,
+    HealthResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from ..service import Service
+from .common import ERROR_RESPONSES, get_service
+
+router = APIRouter(tags=["utility"])
+PROBE_RESPONSES: dict[int | str, dict[str, Any]] = {503: {"model": ErrorResponse, "description": "not healthy"}}
+
+
+@router.post("/tokenize", response_model=TokenizeResponse, responses=ERROR_RESPONSES)
+async def tokenize(body: TokenizeRequest, svc: Service = Depends(get_service)) -> TokenizeResponse:
+    if (body.text is None) == (body.messages is None):
+        raise InvalidRequest("give exactly one of text or messages", param="text")
+    if body.text is not None:
+        add_bos = body.add_special_tokens and svc.tokenizer.bos_id is not None
+        ids = svc.tokenizer.encode(body.text, add_bos=add_bos)
+    else:
+        ids = svc.chat_prompt([m.model_dump() for m in body.messages or []])
+    return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=svc.max_model_len)
+
+
+@router.post("/detokenize", response_model=DetokenizeResponse, responses=ERROR_RESPONSES)
+async def detokenize(body: DetokenizeRequest, svc: Service = Depends(get_service)) -> DetokenizeResponse:
+    vocab = svc.tokenizer.vocab_size
+    bad = [t for t in body.tokens if t >= vocab]
+    if bad:
+        raise InvalidRequest(f"token ids must be in [0, {vocab}), got {bad[0]}", param="tokens")
+    return DetokenizeResponse(text=svc.tokenizer.decode(body.tokens, skip_special=body.skip_special_tokens))
+
+
+def _unhealthy(message: str, code: str) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": "service_unavailable_error", "param": None,
+                                   "code": code}}, status_code=503)
+
+
+@router.get("/health", response_model=HealthResponse, responses=PROBE_RESPONSES)
+async def health(request: Request) -> Any:
+    """Liveness: red (503) only when the engine thread failed or the model could not load."""
+    state = request.app.state.seedling
+    if state.load_error is not None:
+        return _unhealthy(f"model failed to load: {state.load_error}", "load_failed")
+    client = state.client
+    if client is not None and client.failure is not None:
+        return _unhealthy(f"engine failed: {client.failure!r}", "engine_failed")
+    return HealthResponse(status="ok", detail="loading" if state.service is None else None)
+
+
+@router.get("/ready", response_model=HealthResponse, responses=PROBE_RESPONSES)
+async def ready(request: Request) -> Any:
+    """Readiness: 503 until the model is loaded and warm, while draining, and after a failure."""
+    state = request.app.state.seedling
+    if state.load_error is not None:
+        return _unhealthy(f"model failed to load: {state.load_error}", "load_failed")
+    if state.service is None or not state.warm:
+        return _unhealthy("model is loading", "not_ready")
+    client = state.client
+    if client.failure is not None:
+        return _unhealthy(f"engine failed: {client.failure!r}", "engine_failed")
+    if client.draining:
+        return _unhealthy("server is draining", "draining")
+    return HealthResponse(status="ready")
+
+
+@router.get("/metrics", response_class=Response,
+            responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}},
+                             "description": "Prometheus text format"}})
+async def metrics(request: Request) -> Response:
+    registry = request.app.state.seedling.metrics.registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,288 @@
+"""Service: what every route needs between validated requests and the engine client.
+
+Owns prompt building (through `model.tokenizer.render_chat` and `model.tasks` — never a prompt
+written here), length checks (prompt too long is an error, never truncated), per-request deadlines,
+abort on client disconnect, metrics per generated item, and /classify's label scoring.
+Routes stay thin: parse -> service call -> response model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from fastapi import Request
+
+from model import tasks
+from model.sampling import SamplingParams
+from model.tokenizer import Tokenizer, render_chat
+
+from .engine_client import EngineClient, EngineDead, RequestAborted
+from .errors import ApiError, DeadlineExceeded, InvalidRequest, Unavailable, prompt_too_long, to_api_error
+from .metrics import Metrics, RequestTimer
+from .protocol import Limits
+from .settings import ServerSettings
+
+log = logging.getLogger("seedling.service")
+T = TypeVar("T")
+
+
+class ClientGone(Exception):
+    """The client disconnected before the response was ready; its requests were aborted."""
+
+
+@dataclass
+class Generated:
+    """One finished item."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    logprobs: list[Any] = field(default_factory=list)  # model.engine TokenLogprob per output token
+
+
+@dataclass
+class Scored:
+    label: str
+    labels: list[str]
+    scores: list[tuple[str, float]]  # best first
+    prompt_tokens: int
+
+
+class Service:
+    def __init__(self, settings: ServerSettings, tokenizer: Tokenizer, client: EngineClient,
+                 model_name: str, meta: dict[str, Any], metrics: Metrics | None) -> None:
+        self.settings = settings
+        self.tokenizer = tokenizer
+        self.client = client
+        self.model_name = model_name
+        self.meta = meta
+        self.metrics = metrics
+        self.max_model_len = settings.max_model_len
+        self.limits = Limits(settings.max_tokens_default, settings.max_tokens_limit, settings.max_batch_items)
+
+    # ------------------------------------------------------------------ prompts
+    def chat_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        messages = [dict(m) for m in messages]
+        if self.settings.default_system_prompt and messages and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": self.settings.default_system_prompt})
+        try:
+            return render_chat(self.tokenizer, messages, add_generation_prompt=True).ids
+        except ValueError as exc:
+            raise InvalidRequest(str(exc), param="messages") from None
+
+    def text_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_bos=self.tokenizer.bos_id is not None)
+        vocab = self.tokenizer.vocab_size
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequest(f"prompt token ids must be in [0, {vocab}), got {bad[0]}", param="prompt")
+        return list(prompt)
+
+    def fit(self, prompt_ids: list[int], params: SamplingParams, explicit_max_tokens: bool,
+            param: str = "messages") -> SamplingParams:
+        """Check the prompt fits; clamp a defaulted max_tokens to the room left, reject an explicit
+        one that does not fit (both token counts in the message)."""
+        n = len(prompt_ids)
+        if n == 0:
+            raise InvalidRequest("prompt is empty", param=param)
+        if n >= self.max_model_len:
+            err = prompt_too_long(n, self.max_model_len)
+            err.param = param
+            raise err
+        room = self.max_model_len - n
+        if params.max_tokens > room:
+            if explicit_max_tokens:
+                err = prompt_too_long(n, self.max_model_len, params.max_tokens)
+                err.param = "max_tokens"
+                raise err
+            params = dataclasses.replace(params, max_tokens=room)
+        return params
+
+    # ------------------------------------------------------------------ generation
+    def deadline(self, t_arrival_loop: float) -> float:
+        return t_arrival_loop + self.settings.request_timeout_s
+
+    async def stream(self, request_id: str, prompt_ids: list[int], params: SamplingParams, endpoint: str,
+                     deadline: float) -> AsyncIterator[Any]:
+        """RequestOutputs for one item, with metrics and outcome counting."""
+        timer = RequestTimer(self.metrics)
+        outcome = "error"
+        try:
+            async for out in self.client.generate(request_id, prompt_ids, params, deadline, timer):
+                if out.finished:
+                    outcome = _reason(out.finish_reason) or "stop"
+                yield out
+        except BaseException as exc:
+            outcome = _outcome_of(exc)
+            raise
+        finally:
+            timer.finish()
+            if self.metrics is not None:
+                self.metrics.outcome(endpoint, outcome)
+
+    async def complete(self, request_id: str, prompt_ids: list[int], params: SamplingParams, endpoint: str,
+                       deadline: float) -> Generated:
+        result = Generated(prompt_tokens=len(prompt_ids))
+        parts: list[str] = []
+        async for out in self.stream(request_id, prompt_ids, params, endpoint, deadline):
+            parts.append(out.text_delta)
+            if out.logprobs:
+                result.logprobs.extend(out.logprobs)
+            result.token_ids = out.token_ids
+            result.finish_reason = _reason(out.finish_reason)
+            result.prompt_tokens, result.completion_tokens = out.prompt_tokens, out.completion_tokens
+        result.text = "".join(parts)
+        if self.settings.log_prompts:
+            log.info("request %s output: %r", request_id, result.text)
+        return result
+
+    async def complete_many(self, request: Request, request_id: str,
+                            items: list[tuple[list[int], SamplingParams]], endpoint: str) -> list[Generated]:
+        """Generate every item in the same engine batches; abort all if the client leaves."""
+        deadline = self.deadline(asyncio.get_running_loop().time())
+        with self.client.reserve(len(items)):
+            coros = [self.complete(_item_id(request_id, i, len(items)), ids, params, endpoint, deadline)
+                     for i, (ids, params) in enumerate(items)]
+            return await until_disconnect(request, asyncio.gather(*coros))
+
+    # ------------------------------------------------------------------ classify
+    def default_labels(self, label_set: str | None = None) -> list[str]:
+        """The checkpoint's fine-tuned labels (meta `labels: {name: [...]}`): the set named
+        `label_set`, else the "classify" set, else the only set there is."""
+        sets = self.meta.get("labels")
+        sets = sets if isinstance(sets, dict) else {}
+        if label_set is not None:
+            if label_set not in sets:
+                raise InvalidRequest(f"label_set {label_set!r} is not in this checkpoint; it has "
+                                     f"{sorted(sets)}", param="label_set", code="invalid_value")
+            found = sets[label_set]
+        elif tasks.CLASSIFY in sets:
+            found = sets[tasks.CLASSIFY]
+        elif len(sets) == 1:
+            found = next(iter(sets.values()))
+        else:
+            why = f"it has several ({sorted(sets)}): pick one with label_set" if sets else "it has none"
+            raise InvalidRequest(f"labels are required: this checkpoint carries no default label set ({why})",
+                                 param="labels", code="missing_labels")
+        if not isinstance(found, list) or not found:
+            raise InvalidRequest("the checkpoint's label set is empty; pass labels", param="labels")
+        return [str(label) for label in found]
+
+    async def classify(self, request: Request, texts: list[str], labels: list[str] | None,
+                       multi_label: bool, threshold: float, label_set: str | None = None,
+                       endpoint: str = "classify") -> list[Scored]:
+        """Rank labels by the model's log-likelihood of answering each one (one batched forward
+        per text): softmax over labels (sums to 1), or per-label independent scores for multi_label:
+        exp(mean token log p) of the label's answer (its geometric-mean token probability, in (0, 1])."""
+        labels = labels or self.default_labels(label_set)
+        tok = self.tokenizer
+        jobs = []
+        for text in texts:
+            try:
+                prompt = self.chat_prompt(tasks.classify_messages(text, labels))
+                conts = [tok.encode(tasks.classify_answer(label)) + [tok.im_end_id] for label in labels]
+            except tasks.TaskError as exc:
+                raise InvalidRequest(str(exc), param="labels" if "label" in str(exc) else "text") from None
+            longest = len(prompt) + max(len(c) for c in conts)
+            if longest > self.max_model_len:
+                err = prompt_too_long(longest, self.max_model_len)
+                err.param = "text"
+                raise err
+            jobs.append((prompt, conts))
+        t0 = time.perf_counter()
+        deadline = self.settings.request_timeout_s
+        with self.client.reserve(len(texts)):
+            try:
+                all_ll = await until_disconnect(request, asyncio.wait_for(
+                    self.client.call(_score_all, self.client.engine, jobs), deadline))
+            except TimeoutError:
+                self._count(endpoint, "timeout")
+                raise DeadlineExceeded("classification deadline exceeded", code="timeout") from None
+            except BaseException as exc:
+                self._count(endpoint, _outcome_of(exc))
+                raise
+        if self.metrics is not None:
+            self.metrics.e2e.observe(time.perf_counter() - t0)
+            self.metrics.prompt_tokens.inc(sum(len(p) for p, _ in jobs))
+        results = []
+        for (prompt, conts), ll in zip(jobs, all_ll, strict=True):
+            if multi_label:
+                probs = [math.exp(v / len(c)) for v, c in zip(ll, conts, strict=True)]
+            else:
+                top = max(ll)
+                exps = [math.exp(v - top) for v in ll]
+                total = sum(exps)
+                probs = [e / total for e in exps]
+            ranked = sorted(zip(labels, probs, strict=True), key=lambda lp: -lp[1])
+            chosen = ([lab for lab, p in ranked if p >= threshold] if multi_label else [ranked[0][0]])
+            results.append(Scored(ranked[0][0], chosen, ranked, len(prompt)))
+            self._count(endpoint, "scored")
+        return results
+
+    def _count(self, endpoint: str, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.outcome(endpoint, outcome)
+
+
+def _score_all(engine: Any, jobs: list[tuple[list[int], list[list[int]]]]) -> list[list[float]]:
+    """Runs on the engine thread: one scoring forward per text."""
+    return [engine.score(prompt, conts) for prompt, conts in jobs]
+
+
+def _item_id(request_id: str, i: int, n: int) -> str:
+    return request_id if n == 1 else f"{request_id}-{i}"
+
+
+def _reason(reason: Any) -> str | None:
+    return None if reason is None else str(getattr(reason, "value", reason))
+
+
+def _outcome_of(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.CancelledError | ClientGone):
+        return "client_disconnected"
+    if isinstance(exc, ApiError):
+        return exc.kind
+    if isinstance(exc, EngineDead | RequestAborted):
+        return "engine_unavailable"
+    return to_api_error(exc).kind
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, but cancel it (aborting its engine requests) and raise ClientGone if the client
+    disconnects first. After the body is read, `receive()` returns only on disconnect."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(BaseException):  # the client is gone; nothing to report
+            await task
+        raise ClientGone()
+    try:
+        return task.result()
+    except (EngineDead, RequestAborted) as exc:
+        raise Unavailable(str(exc), code="engine_failed") from None
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
