@@ -200,6 +200,8 @@ class LLMEngine:
         texts: dict[str, str] = dict.fromkeys(ids, "")
         while self.has_unfinished():
             for out in self.step():
+                if out.request_id not in texts:  # a request added through add_request
+                    continue
                 texts[out.request_id] += out.text_delta
                 if out.finished:
                     final[out.request_id] = out
