@@ -34,17 +34,9 @@ from typing import Any
 
 from model.sampling import SamplingParams
 
-from .errors import DeadlineExceeded, Overloaded, Unavailable
+from .errors import DeadlineExceeded, EngineDead, Overloaded, RequestAborted, Unavailable
 
 log = logging.getLogger("seedling.engine_client")
-
-
-class EngineDead(RuntimeError):
-    """The engine thread failed; open and new requests error out (503)."""
-
-
-class RequestAborted(RuntimeError):
-    """The engine client stopped while this request was running."""
 
 
 # ----------------------------------------------------------------------------

@@ -61,6 +61,20 @@ class Unavailable(ApiError):
     kind = "unavailable"
 
 
+class EngineDead(Unavailable):
+    """The engine thread failed; open and new requests error out (503, /health red)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="engine_failed")
+
+
+class RequestAborted(Unavailable):
+    """The engine client stopped (shutdown) while this request was running."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="shutting_down")
+
+
 class DeadlineExceeded(ApiError):
     kind = "timeout"
 

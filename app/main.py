@@ -25,8 +25,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.staticfiles import StaticFiles
 
-from .engine_client import EngineClient, EngineDead, RequestAborted
-from .errors import KIND_BY_STATUS, STATUS, ApiError, InternalError, Unavailable, error_envelope
+from .engine_client import EngineClient
+from .errors import KIND_BY_STATUS, STATUS, ApiError, InternalError, error_envelope
 from .metrics import Metrics
 from .middleware import RequestContextMiddleware, install_log_filter
 from .routes import openai, tasks, utility
@@ -226,12 +226,6 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def client_gone(request: Request, exc: ClientGone) -> JSONResponse:
         return JSONResponse({"error": {"message": "client disconnected", "type": "client_closed",
                                        "param": None, "code": None}}, status_code=499)
-
-    async def engine_gone(request: Request, exc: Exception) -> JSONResponse:
-        return _error_response(Unavailable(str(exc), code="engine_failed"))
-
-    app.add_exception_handler(EngineDead, engine_gone)
-    app.add_exception_handler(RequestAborted, engine_gone)
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception) -> JSONResponse:

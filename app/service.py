@@ -24,8 +24,8 @@ from model import tasks
 from model.sampling import SamplingParams
 from model.tokenizer import Tokenizer, render_chat
 
-from .engine_client import EngineClient, EngineDead, RequestAborted
-from .errors import ApiError, DeadlineExceeded, InvalidRequest, Unavailable, prompt_too_long, to_api_error
+from .engine_client import EngineClient
+from .errors import ApiError, DeadlineExceeded, InvalidRequest, prompt_too_long, to_api_error
 from .metrics import Metrics, RequestTimer
 from .protocol import Limits
 from .settings import ServerSettings
@@ -253,8 +253,6 @@ def _outcome_of(exc: BaseException) -> str:
         return "client_disconnected"
     if isinstance(exc, ApiError):
         return exc.kind
-    if isinstance(exc, EngineDead | RequestAborted):
-        return "engine_unavailable"
     return to_api_error(exc).kind
 
 
@@ -275,10 +273,7 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
         with contextlib.suppress(BaseException):  # the client is gone; nothing to report
             await task
         raise ClientGone()
-    try:
-        return task.result()
-    except (EngineDead, RequestAborted) as exc:
-        raise Unavailable(str(exc), code="engine_failed") from None
+    return task.result()
 
 
 async def _wait_disconnect(request: Request) -> None:
