@@ -1,0 +1,216 @@
+"""Checkpoints: one self-describing directory, written only by this module.
+
+    save_checkpoint(path, model, tokenizer, meta={"step": 1000, "labels": {"sentiment": ["pos", "neg"]}})
+    ckpt = load_checkpoint(path, device="cpu", dtype=torch.float32)   # ckpt.model (eval), .tokenizer, ...
+
+Layout (Hugging Face compatible, so `transformers` loads the directory unchanged):
+    config.json            HF LlamaConfig keys (ModelConfig.to_hf)
+    model.safetensors      HF tensor names ("model." + our module name; lm_head dropped when tied)
+    tokenizer.model | tokenizer.json, tokenizer_config.json
+    seedling.json          our metadata: format version, step, data, labels per task, metrics, source
+
+Writes are atomic: everything goes into a temp dir beside the target, is fsynced, then renamed into
+place (an existing checkpoint is moved aside first and removed only after the new one is in place).
+Loading never unpickles and turns every problem into a one-line CheckpointError saying what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model.config import ConfigError, ModelConfig
+from model.tokenizer import Tokenizer, TokenizerError
+from model.transformer import Transformer
+
+FORMAT_VERSION = 1
+CONFIG_FILE, WEIGHTS_FILE, META_FILE = "config.json", "model.safetensors", "seedling.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory that cannot be loaded; the message is one line and says what to do."""
+
+
+@dataclass
+class Checkpoint:
+    model: Transformer
+    tokenizer: Tokenizer
+    config: ModelConfig
+    meta: dict[str, Any]
+    path: Path
+
+
+# ------------------------------------------------------------------------------- tensor names
+def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """Our state dict under HF Llama names, contiguous and detached (safetensors refuses shared storage)."""
+    out = {}
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight":
+            if model.config.tie_embeddings:
+                continue
+            out[name] = t
+        else:
+            out["model." + name] = t
+    return {k: v.detach().contiguous() for k, v in out.items()}
+
+
+def from_hf_name(name: str) -> str:
+    return name[len("model."):] if name.startswith("model.") else name
+
+
+# ------------------------------------------------------------------------------- save
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(directory: str | Path, model: Transformer, tokenizer: Tokenizer,
+                    meta: dict[str, Any] | None = None) -> Path:
+    """Write a checkpoint atomically to `directory` (replacing one already there). Returns the path."""
+    from safetensors.torch import save_file
+
+    target = Path(directory).resolve()
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise CheckpointError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                              f"{model.config.vocab_size}; build the model with vocab_size >= the tokenizer's")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is an ordinary readable directory
+    try:
+        # 1. files into the temp dir
+        cfg = model.config.to_hf()
+        cfg["torch_dtype"] = str(model.dtype).removeprefix("torch.")
+        (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2))
+        save_file({k: v.cpu() for k, v in to_hf_state_dict(model).items()}, str(tmp / WEIGHTS_FILE),
+                  metadata={"format": "pt"})
+        tokenizer.save(tmp)
+        full_meta = {"format_version": FORMAT_VERSION, "step": None, "data": None, "labels": {},
+                     "metrics": {}, "source": None, **(meta or {})}
+        (tmp / META_FILE).write_text(json.dumps(full_meta, indent=2, ensure_ascii=False, default=str))
+        # 2. flush every file and the dir itself
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        # 3. swap into place: move the old one aside, rename, then delete the old one
+        old = None
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.rename(target, old / "ckpt")
+        os.rename(tmp, target)
+        _fsync_dir(target.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+# ------------------------------------------------------------------------------- load
+def read_meta(directory: str | Path) -> dict[str, Any]:
+    """seedling.json of a checkpoint ({} for a plain HF directory without one)."""
+    path = Path(directory) / META_FILE
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); restore it or re-save the checkpoint") from e
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} must hold a JSON object; re-save the checkpoint")
+    return meta
+
+
+def read_config(directory: str | Path) -> ModelConfig:
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing; a checkpoint needs config.json (re-save or re-convert it)")
+    try:
+        return ModelConfig.from_hf(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError) as e:  # ConfigError is a ValueError
+        kind = "invalid" if isinstance(e, ConfigError) else "not valid JSON"
+        raise CheckpointError(f"{path} is {kind}: {e}".replace("\n", " ")) from e
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing; re-save or re-convert the checkpoint")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path} is truncated or corrupt ({msg}); re-save or re-convert the "
+                              "checkpoint") from e
+
+
+def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu",
+                    dtype: torch.dtype = torch.float32) -> Checkpoint:
+    """Load and validate a checkpoint directory; the model is in eval mode on `device` in `dtype`."""
+    path = Path(directory)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory {path} does not exist; run `python -m model.convert "
+                              "default` or pass the directory a training job wrote")
+    config = read_config(path)
+    meta = read_meta(path)
+    try:
+        tokenizer = Tokenizer.load(path)
+    except (TokenizerError, OSError, RuntimeError) as e:
+        raise CheckpointError(f"tokenizer in {path} cannot be loaded: {e}".replace("\n", " ")) from e
+    if tokenizer.vocab_size > config.vocab_size:
+        raise CheckpointError(f"tokenizer in {path} has {tokenizer.vocab_size} tokens but config.json "
+                              f"vocab_size is {config.vocab_size}; the tokenizer does not belong to this model")
+    tensors = _read_weights(path / WEIGHTS_FILE)
+    model = model_from_tensors(config, tensors, str(path / WEIGHTS_FILE), device=device, dtype=dtype)
+    return Checkpoint(model=model, tokenizer=tokenizer, config=config, meta=meta, path=path)
+
+
+def model_from_tensors(config: ModelConfig, hf_tensors: dict[str, torch.Tensor], source: str,
+                       device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Transformer:
+    """A Transformer (eval mode) holding `hf_tensors` (HF names), checked against `config`; `source`
+    names where the tensors came from in error messages."""
+    tensors = {from_hf_name(k): v for k, v in hf_tensors.items()}
+    with torch.device("meta"):
+        model = Transformer(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if config.tie_embeddings:
+        expected.pop("lm_head.weight")
+        tensors.pop("lm_head.weight", None)  # some exporters write the tied copy too
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        what = "; ".join(([f"missing tensors {_few(missing)}"] if missing else [])
+                         + ([f"unexpected tensors {_few(unexpected)}"] if unexpected else []))
+        raise CheckpointError(f"{source} does not match config.json: {what}; re-save or re-convert the checkpoint")
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape:
+            raise CheckpointError(f"{source}: tensor {name} has shape {tuple(tensors[name].shape)} but "
+                                  f"config.json implies {shape}; the weights and config.json come from "
+                                  "different models")
+    model = model.to_empty(device=device)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight  # to_empty unties shared params; tie again
+    with torch.no_grad():
+        for name, p in model.state_dict().items():
+            if name in tensors:
+                p.copy_(tensors[name])  # casts to fp32; .to(dtype) below
+    return model.to(dtype=dtype).eval()
+
+
+def _few(names: list[str], n: int = 3) -> str:
+    shown = ", ".join(names[:n])
+    return shown + (f" (+{len(names) - n} more)" if len(names) > n else "")
