@@ -1,0 +1,413 @@
+"""Shared pieces of the training jobs: config parsing, devices, seeding, optimiser, LR schedule,
+distributed setup, atomic files, metrics log and loss curve.
+
+Jobs share these functions, not a base class: each job (`training/<job>.py`) is a config
+dataclass, a `PRESETS` dict and `main(cfg)`, and its `__main__` is one line:
+
+    raise SystemExit(main(parse_config(PretrainConfig, PRESETS, description=__doc__)))
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import types
+import typing
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+C = TypeVar("C")
+
+
+class TrainingError(RuntimeError):
+    """A failure the user can act on; the job prints its message (one line) and exits non-zero."""
+
+
+# ---------------------------------------------------------------------------- config parsing
+def _field_type(cls: type, f: dataclasses.Field) -> Any:
+    hints = typing.get_type_hints(cls)
+    return hints[f.name]
+
+
+def _base(tp: Any) -> tuple[Any, bool]:
+    """(inner type, optional?) for `X | None`; list[...] stays list."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def _coerce(name: str, tp: Any, value: Any) -> Any:
+    """Convert a config-file or preset value to the field's type; fail loudly on a mismatch."""
+    inner, optional = _base(tp)
+    if value is None:
+        if optional:
+            return None
+        raise TrainingError(f"config key {name!r} must not be null")
+    origin = typing.get_origin(inner)
+    if origin in (list, tuple) or inner in (list, tuple):
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise TrainingError(f"config key {name!r} must be a list, got {value!r}")
+        (item,) = typing.get_args(inner) or (str,)
+        return [_coerce(name, item, v) for v in value]
+    if inner is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise TrainingError(f"config key {name!r} must be true/false, got {value!r}")
+    if inner is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise TrainingError(f"config key {name!r} must be an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise TrainingError(f"config key {name!r} must be an integer, got {value!r}") from None
+    if inner is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise TrainingError(f"config key {name!r} must be a number, got {value!r}") from None
+    if inner is str:
+        return str(value)
+    return value
+
+
+def _help(f: dataclasses.Field) -> str:
+    return str(f.metadata.get("help", ""))
+
+
+def field(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field with a one-line help text (shown by --help)."""
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """A JSON or YAML mapping of field name -> value."""
+    text = Path(path).read_text(encoding="utf-8")
+    if Path(path).suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text)
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise TrainingError(f"{path}: config file must hold a mapping of option -> value")
+    return data
+
+
+def build_config(cls: type[C], presets: Mapping[str, Mapping[str, Any]], preset: str | None = None,
+                 file_values: Mapping[str, Any] | None = None, **overrides: Any) -> C:
+    """defaults < preset < config file < overrides; unknown keys raise TrainingError."""
+    known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    values: dict[str, Any] = {}
+    layers: list[tuple[str, Mapping[str, Any]]] = []
+    if preset:
+        if preset not in presets:
+            raise TrainingError(f"unknown preset {preset!r}; choose one of {sorted(presets)}")
+        layers.append((f"preset {preset!r}", presets[preset]))
+    if file_values:
+        layers.append(("config file", file_values))
+    layers.append(("overrides", overrides))
+    for origin, layer in layers:
+        unknown = sorted(set(layer) - set(known))
+        if unknown:
+            raise TrainingError(f"unknown config keys in {origin}: {unknown}; valid keys: {sorted(known)}")
+        for k, v in layer.items():
+            values[k] = _coerce(k, _field_type(cls, known[k]), v)
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as e:
+        raise TrainingError(f"invalid {cls.__name__}: {e}") from e
+
+
+def make_parser(cls: type, presets: Mapping[str, Any], prog: str | None = None,
+                description: str | None = None) -> argparse.ArgumentParser:
+    """One --flag per dataclass field (with its help line), plus --preset and --config."""
+    parser = argparse.ArgumentParser(prog=prog, description=(description or "").split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(presets), default=None,
+                        help="named set of defaults (flags and --config override it)")
+    parser.add_argument("--config", type=Path, default=None, help="JSON or YAML file of option: value")
+    for f in dataclasses.fields(cls):
+        tp, _ = _base(_field_type(cls, f))
+        flag = "--" + f.name
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": f"{_help(f)} (default: {default!r})"}
+        if tp is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        elif typing.get_origin(tp) in (list, tuple) or tp in (list, tuple):
+            parser.add_argument(flag, nargs="*", **kwargs)
+        else:
+            parser.add_argument(flag, **kwargs)
+    return parser
+
+
+def parse_config(cls: type[C], presets: Mapping[str, Mapping[str, Any]], argv: Sequence[str] | None = None,
+                 prog: str | None = None, description: str | None = None) -> C:
+    parser = make_parser(cls, presets, prog=prog, description=description)
+    args = vars(parser.parse_args(argv))
+    preset, config_path = args.pop("preset"), args.pop("config")
+    file_values = load_config_file(config_path) if config_path else None
+    return build_config(cls, presets, preset, file_values, **args)
+
+
+def run_job(main: Any, cls: type[C], presets: Mapping[str, Mapping[str, Any]], argv: Sequence[str] | None = None,
+            prog: str | None = None, description: str | None = None) -> int:
+    """Parse flags into a config and run `main(cfg)`; TrainingError becomes a one-line message + exit 1."""
+    try:
+        cfg = parse_config(cls, presets, argv, prog=prog, description=description)
+        main(cfg)
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def config_dict(cfg: Any) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+# ---------------------------------------------------------------------------- devices and seeds
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainingError(f"device {name!r} requested but CUDA is not available")
+    return torch.device(name)
+
+
+def set_threads(n: int) -> None:
+    """Intra-op CPU threads (0 = torch's default). On a shared CPU, 1 thread avoids OpenMP threads
+    spinning against other processes: tiny models run ~10x faster that way."""
+    if n > 0:
+        torch.set_num_threads(n)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------- distributed
+@dataclasses.dataclass
+class Dist:
+    """Where this process sits in a `torchrun` job (rank 0 of 1 when run plainly)."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> Dist:
+    """Join the process group when launched by torchrun (env WORLD_SIZE > 1): NCCL on CUDA, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    import torch.distributed as dist
+
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    return Dist(rank=rank, world_size=world, local_rank=local)
+
+
+def close_distributed(d: Dist) -> None:
+    if d.enabled:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def all_reduce_mean(value: torch.Tensor, d: Dist) -> torch.Tensor:
+    if d.enabled:
+        import torch.distributed as dist
+
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= d.world_size
+    return value
+
+
+def barrier(d: Dist) -> None:
+    if d.enabled:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------------- optimiser and schedule
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
+                   device: torch.device) -> torch.optim.AdamW:
+    """AdamW with two groups: matrices (weights of Linear/Embedding) decay; norms and biases do not.
+    Tied parameters are seen once (named_parameters de-duplicates them)."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
+
+
+def lr_at(step: int, max_steps: int, lr: float, min_lr: float, warmup_steps: int) -> float:
+    """Linear warmup to `lr` over `warmup_steps`, then cosine decay to `min_lr` at `max_steps`.
+    `step` counts optimiser updates from 0."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if step >= max_steps:
+        return min_lr
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def autocast(device: torch.device, dtype: str) -> Any:
+    """bf16 autocast on CUDA when asked; a no-op context elsewhere (CPU trains in fp32)."""
+    import contextlib
+
+    if device.type == "cuda" and dtype == "bf16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------- files
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+# ---------------------------------------------------------------------------- metrics log + plot
+class MetricsLog:
+    """Appends one JSON object per line to `path`; `truncate_after(step)` drops records a killed run
+    wrote after its last checkpoint, so a resumed run's log reads as if it had never stopped."""
+
+    def __init__(self, path: Path, enabled: bool = True) -> None:
+        self.path, self.enabled = path, enabled
+
+    def truncate_after(self, step: int) -> None:
+        if not self.enabled or not self.path.exists():
+            return
+        keep = [line for line in self.path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        atomic_write_text(self.path, "".join(line + "\n" for line in keep))
+
+    def reset(self) -> None:
+        if self.enabled:
+            self.path.unlink(missing_ok=True)
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def records(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plot_loss_curve(records: Iterable[Mapping[str, Any]], path: Path, title: str = "loss") -> None:
+    """Train loss per step and validation loss where measured, as a PNG (matplotlib Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = list(records)
+    train = [(r["step"], r["loss"]) for r in recs if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train", linewidth=1)
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def format_count(n: float) -> str:
+    for unit in ("", "K", "M", "B"):
+        if abs(n) < 1000:
+            return f"{n:.1f}{unit}" if unit else f"{n:.0f}"
+        n /= 1000
+    return f"{n:.1f}T"
