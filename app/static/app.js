@@ -105,6 +105,7 @@ async function sendChat(event) {
     messages, stream: true, stream_options: { include_usage: true },
     temperature: Number($("chat-temperature").value || 0),
     max_tokens: Number($("chat-max-tokens").value || 128),
+    seed: optionalNumber("chat-seed"),
   };
   state.controller = new AbortController();
   setBusy(true);
