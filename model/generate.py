@@ -33,3 +33,47 @@ def generate(model: Transformer, prompt_ids: Sequence[int], params: SamplingPara
         if token in stops:
             break
     return out
+
+
+# ------------------------------------------------------------------------------- CLI
+def main(argv: Sequence[str] | None = None) -> int:
+    """python -m model.generate [--checkpoint DIR] [--temperature T] [--max-tokens N] [--seed S] "message" """
+    import argparse
+    import sys
+
+    from model.checkpoint import CheckpointError, load_checkpoint
+    from model.sampling import SamplingError
+    from model.tokenizer import render_chat
+
+    parser = argparse.ArgumentParser(prog="python -m model.generate",
+                                     description="Print one assistant reply from a checkpoint (slow oracle path).")
+    parser.add_argument("message", help="the user message")
+    parser.add_argument("--checkpoint", type=str, default=None,
+                        help="checkpoint directory (default: the SmolLM2-135M-Instruct default model)")
+    parser.add_argument("--system", default=None, help="system prompt (default: the tokenizer's own, if any)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=None)
+    args = parser.parse_args(argv)
+    try:
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+        if args.checkpoint is None:
+            from model.convert import ensure_default_model
+
+            path = ensure_default_model()
+        else:
+            path = args.checkpoint
+        ckpt = load_checkpoint(path)
+    except (SamplingError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    messages = ([{"role": "system", "content": args.system}] if args.system is not None else []) + \
+        [{"role": "user", "content": args.message}]
+    prompt = render_chat(ckpt.tokenizer, messages).ids
+    out = generate(ckpt.model, prompt, params, stop_ids=sorted(ckpt.tokenizer.stop_ids))
+    print(ckpt.tokenizer.decode(out, skip_special=True))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
