@@ -1,0 +1,244 @@
+"""Evaluate a checkpoint offline through the inference engine (`model.engine.LLMEngine`).
+
+    python -m training.evaluate --checkpoint runs/demo/finetune/checkpoint \\
+        --classify ../shared/data/banking77/test.jsonl --classify_candidates 10 --limit 200
+    python -m training.evaluate --preset cpu-demo --checkpoint default
+    seedling-train evaluate --help
+
+Tasks (each optional, each a JSONL file in the shared-data format):
+  perplexity  {"text"} records (or a token shard .bin): exp(mean NLL) over windows, via engine.score
+  summarize   {"document", "summary"[, "references"]}: greedy summaries, ROUGE-1/2/L (rouge-score)
+  translate   {"src", "tgt", "src_lang", "tgt_lang"}: greedy translations, BLEU + chrF (sacrebleu)
+  classify    {"text", "label"}: the /classify ranking — every candidate label is scored as the
+              assistant answer (sum log p(label tokens + <|im_end|> | prompt) via engine.score) and
+              the best one is the prediction; accuracy + macro-F1
+Prompts come from `model.tasks`, rendered with `model.tokenizer.render_chat`, as the server does.
+Writes `report.json` and `report.md` into `out_dir`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from model import tasks
+from training import metrics
+from training.common import (
+    TrainingError,
+    config_dict,
+    field,
+    resolve_device,
+    run_job,
+    set_threads,
+    write_json,
+)
+from training.data import candidate_labels, iter_jsonl, read_labels, read_shard
+
+SHARED = "../shared/data"
+
+
+@dataclass
+class EvaluateConfig:
+    checkpoint: str = field("default", help="checkpoint dir, or 'default' (SmolLM2-135M-Instruct)")
+    out_dir: str = field("runs/eval", help="where report.json and report.md go")
+    perplexity: str = field("", help="JSONL of {text} (or a .bin token shard) for perplexity")
+    summarize: str = field("", help="JSONL of {document, summary[, references]}")
+    translate: str = field("", help="JSONL of {src, tgt, src_lang, tgt_lang}")
+    classify: str = field("", help="JSONL of {text, label}")
+    labels: list[str] = field(default_factory=list, help="classification label set (default: labels.json "
+                              "next to the data, else the checkpoint's 'classify' labels, else the data's)")
+    classify_candidates: int = field(0, help="candidates per example: gold + k-1 random others (0 = all labels)")
+    limit: int = field(200, help="examples per task (first N of the file; 0 = all)")
+    max_new_tokens: int = field(64, help="generation budget for summarize / translate")
+    ppl_window: int = field(256, help="tokens per perplexity window")
+    max_num_seqs: int = field(8, help="engine: sequences decoded together")
+    max_model_len: int = field(2048, help="engine: prompt + output tokens per sequence")
+    seed: int = field(0, help="seed for candidate sampling")
+    device: str = field("auto", help="auto, cpu, cuda")
+    threads: int = field(0, help="CPU threads for torch (0 = torch default)")
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(limit=4, max_new_tokens=8, ppl_window=32, max_num_seqs=4, max_model_len=512, threads=1),
+    "cpu-demo": dict(classify=f"{SHARED}/banking77/test.jsonl", classify_candidates=10, limit=200,
+                     summarize=f"{SHARED}/dialogsum/test.jsonl", translate=f"{SHARED}/tatoeba_en_zh/test.jsonl",
+                     perplexity=f"{SHARED}/en_public_domain_text/validation.jsonl", max_new_tokens=48),
+    "gpu": dict(classify=f"{SHARED}/banking77/test.jsonl", limit=0, summarize=f"{SHARED}/dialogsum/test.jsonl",
+                translate=f"{SHARED}/wmt22_general/test.en-de.jsonl",
+                perplexity=f"{SHARED}/en_public_domain_text/validation.jsonl", max_num_seqs=64,
+                max_new_tokens=128),
+}
+
+
+def _records(path: str, limit: int) -> list[dict[str, Any]]:
+    p = Path(path)
+    if not p.exists():
+        raise TrainingError(f"evaluation file {p} not found")
+    return list(iter_jsonl(p, limit=limit or None))
+
+
+def _prompt(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    from model.tokenizer import render_chat
+
+    return render_chat(tokenizer, messages, add_generation_prompt=True).ids
+
+
+def _greedy(engine: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
+    """Greedy completions, decoded from the output ids (special tokens such as <|im_end|> dropped)."""
+    from model.sampling import SamplingParams
+
+    outs = engine.generate(prompts, SamplingParams(max_tokens=max_new_tokens, temperature=0.0))
+    return [tokenizer.decode(o.token_ids).strip() for o in outs]
+
+
+# ---------------------------------------------------------------------------- tasks
+def eval_perplexity(engine: Any, tokenizer: Any, path: str, limit: int, window: int) -> dict[str, Any]:
+    """exp(mean NLL) of each window's tokens 2..W given the first, summed through engine.score."""
+    if path.endswith(".bin"):
+        ids = [int(t) for t in read_shard(Path(path), tokenizer.vocab_size).tokens]
+    else:
+        ids = []
+        for r in _records(path, limit):
+            ids += tokenizer.encode(r["text"]) + [tokenizer.eos_id]
+    windows = [ids[i:i + window] for i in range(0, len(ids) - 1, window)]
+    windows = [w for w in windows if len(w) > 1][: (limit or None)]
+    nll = sum(-engine.score(w[:1], [w[1:]])[0] for w in windows)
+    n = sum(len(w) - 1 for w in windows)
+    return {"windows": len(windows), "tokens": n, "nll": nll / max(n, 1), "perplexity": math.exp(nll / max(n, 1))}
+
+
+def eval_summarize(engine: Any, tokenizer: Any, path: str, limit: int, max_new: int) -> dict[str, Any]:
+    recs = _records(path, limit)
+    preds = _greedy(engine, tokenizer, [_prompt(tokenizer, tasks.summarize_messages(r["document"])) for r in recs], max_new)
+    refs = [r.get("references") or [r["summary"]] for r in recs]
+    return {"examples": len(recs), **metrics.rouge(preds, refs),
+            "samples": [{"prediction": p, "reference": r[0]} for p, r in zip(preds[:3], refs[:3], strict=True)]}
+
+
+def eval_translate(engine: Any, tokenizer: Any, path: str, limit: int, max_new: int) -> dict[str, Any]:
+    recs = _records(path, limit)
+    prompts = [_prompt(tokenizer, tasks.translate_messages(r["src"], r["tgt_lang"], r.get("src_lang"))) for r in recs]
+    preds = _greedy(engine, tokenizer, prompts, max_new)
+    target = recs[0]["tgt_lang"] if recs else "en"
+    return {"examples": len(recs), "target_lang": target, **metrics.bleu_chrf(preds, [r["tgt"] for r in recs], target),
+            "samples": [{"source": r["src"], "prediction": p, "reference": r["tgt"]}
+                        for r, p in zip(recs[:3], preds[:3], strict=True)]}
+
+
+def classify_one(engine: Any, tokenizer: Any, text: str, labels: list[str]) -> tuple[str, list[float]]:
+    """The /classify ranking: each label's answer scored as the assistant reply; returns the best
+    label and the per-label log-likelihoods."""
+    prompt = _prompt(tokenizer, tasks.classify_messages(text, labels))
+    conts = [tokenizer.encode(tasks.classify_answer(lab)) + [tokenizer.im_end_id] for lab in labels]
+    scores = engine.score(prompt, conts)
+    best = max(range(len(labels)), key=lambda i: scores[i])
+    return labels[best], scores
+
+
+def eval_classify(engine: Any, tokenizer: Any, path: str, limit: int, labels: list[str], candidates: int,
+                  seed: int) -> dict[str, Any]:
+    recs = _records(path, limit)
+    rng = random.Random(seed)
+    gold, pred = [], []
+    for r in recs:
+        cands = candidate_labels(str(r["label"]), labels, candidates, rng)
+        p, _ = classify_one(engine, tokenizer, r["text"], cands)
+        gold.append(str(r["label"]))
+        pred.append(p)
+    return {"examples": len(recs), "labels": len(labels),
+            "candidates_per_example": candidates if 0 < candidates < len(labels) else len(labels),
+            "accuracy": metrics.accuracy(gold, pred), "macro_f1": metrics.macro_f1(gold, pred)}
+
+
+def classification_labels(cfg: EvaluateConfig, meta: dict[str, Any]) -> list[str]:
+    if cfg.labels:
+        return list(cfg.labels)
+    from_file = read_labels(Path(cfg.classify))
+    if from_file:
+        return from_file
+    if meta.get("labels", {}).get(tasks.CLASSIFY):
+        return list(meta["labels"][tasks.CLASSIFY])
+    return sorted({str(r["label"]) for r in iter_jsonl(Path(cfg.classify))})
+
+
+# ---------------------------------------------------------------------------- report
+def markdown(report: dict[str, Any]) -> str:
+    lines = [f"# Evaluation of `{report['checkpoint']}`", "", f"{report['seconds']:.0f} s on {report['device']}.", "",
+             "| task | metric | value |", "|---|---|---:|"]
+    for task, res in report["results"].items():
+        for k, v in res.items():
+            if isinstance(v, float):
+                lines.append(f"| {task} | {k} | {v:.4f} |")
+            elif isinstance(v, int) and not isinstance(v, bool):
+                lines.append(f"| {task} | {k} | {v} |")
+    for task, res in report["results"].items():
+        if res.get("samples"):
+            lines += ["", f"## {task}: samples", ""]
+            lines += [f"- `{json.dumps(s, ensure_ascii=False)}`" for s in res["samples"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(cfg: EvaluateConfig) -> dict[str, Any]:
+    import torch
+
+    from model.checkpoint import CheckpointError, load_checkpoint
+    from model.engine import EngineConfig, LLMEngine
+
+    set_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    path = Path(cfg.checkpoint)
+    if cfg.checkpoint == "default":
+        from model.convert import ensure_default_model
+
+        path = Path(ensure_default_model())
+    try:
+        ckpt = load_checkpoint(path, device=device, dtype=torch.float32)
+    except CheckpointError as e:
+        raise TrainingError(str(e)) from e
+    if not any((cfg.perplexity, cfg.summarize, cfg.translate, cfg.classify)):
+        raise TrainingError("nothing to evaluate: pass --perplexity, --summarize, --translate or --classify")
+    tok = ckpt.tokenizer
+    max_len = min(cfg.max_model_len, ckpt.config.max_seq_len)
+    engine = LLMEngine(ckpt.model, tok, EngineConfig(max_num_seqs=cfg.max_num_seqs, max_model_len=max_len,
+                                                     max_num_batched_tokens=max(512, cfg.max_num_seqs),
+                                                     prefill_chunk=256))
+    t0 = time.perf_counter()
+    results: dict[str, Any] = {}
+    if cfg.perplexity:
+        results["perplexity"] = eval_perplexity(engine, tok, cfg.perplexity, cfg.limit, min(cfg.ppl_window, max_len))
+        print(f"perplexity: {results['perplexity']['perplexity']:.3f} over {results['perplexity']['tokens']} tokens")
+    if cfg.summarize:
+        results["summarize"] = eval_summarize(engine, tok, cfg.summarize, cfg.limit, cfg.max_new_tokens)
+        r = results["summarize"]
+        print(f"summarize: ROUGE-1 {r['rouge1']:.2f}  ROUGE-2 {r['rouge2']:.2f}  ROUGE-L {r['rougeL']:.2f}")
+    if cfg.translate:
+        results["translate"] = eval_translate(engine, tok, cfg.translate, cfg.limit, cfg.max_new_tokens)
+        r = results["translate"]
+        print(f"translate: BLEU {r['bleu']:.2f}  chrF {r['chrf']:.2f}")
+    if cfg.classify:
+        labels = classification_labels(cfg, ckpt.meta)
+        results["classify"] = eval_classify(engine, tok, cfg.classify, cfg.limit, labels, cfg.classify_candidates,
+                                            cfg.seed)
+        r = results["classify"]
+        print(f"classify: accuracy {r['accuracy']:.4f}  macro-F1 {r['macro_f1']:.4f} over {r['examples']} examples, "
+              f"{r['candidates_per_example']} candidate labels each")
+    report = {"checkpoint": str(path), "device": str(device), "config": config_dict(cfg), "results": results,
+              "seconds": round(time.perf_counter() - t0, 1)}
+    out = Path(cfg.out_dir)
+    write_json(out / "report.json", report)
+    (out / "report.md").write_text(markdown(report), encoding="utf-8")
+    print(f"report: {out / 'report.json'}, {out / 'report.md'}")
+    return report
+
+
+def cli(argv: list[str] | None = None, prog: str = "python -m training.evaluate") -> int:
+    return run_job(main, EvaluateConfig, PRESETS, argv, prog=prog, description=__doc__)
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli())
