@@ -38,11 +38,9 @@ WORKDIR /opt/seedling
 COPY pyproject.toml ./
 COPY .ci/setup.sh .ci/setup.sh
 RUN mkdir model training app && touch README.md && .ci/setup.sh
-# 2. the code, then the same script again (dependencies already satisfied: installs the project)
-COPY README.md ./
-COPY model model
-COPY training training
-COPY app app
+# 2. the code (the .dockerignore allow-list: pyproject.toml, README.md, .ci/setup.sh, model/,
+#    training/, app/), then the same script again (dependencies satisfied: installs the project)
+COPY . .
 RUN .ci/setup.sh && rm -rf ./*.egg-info/ .ci/ \
     && find /opt/venv /opt/seedling -name __pycache__ -prune -exec rm -rf {} +
 

@@ -114,10 +114,13 @@ def test_dockerignore_is_an_allow_list() -> None:
     lines = [x for x in lines if x and not x.startswith("#")]
     assert lines[0] == "*", "deny everything by default (no .venv, .git, .env, checkpoints in the context)"
     allowed = {x[1:].rstrip("/") for x in lines if x.startswith("!")}
+    assert {"pyproject.toml", ".ci/setup.sh", "model", "training", "app"} <= allowed
+    assert not allowed & {".env", ".venv", ".git", "checkpoints", "runs", "tests"}
     copied = set()
     for w, a in _dockerfile_instructions():
         if w == "COPY" and "--from" not in a:
             copied.update(a.split()[:-1])
+    copied.discard(".")  # the whole (allow-listed) context
     assert copied <= allowed, f"COPY sources missing from the .dockerignore allow-list: {copied - allowed}"
 
 
@@ -185,7 +188,9 @@ def _readme_shell_commands() -> list[str]:
     """Each command in README's shell code blocks and inline code spans, one string per command."""
     text = README.read_text()
     chunks = re.findall(r"```(?:bash|sh|shell|console)?\n(.*?)```", text, flags=re.S)
-    chunks += re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
+    # inline spans with a space look like commands (`make serve`); one word is a name (`seedling-data`)
+    chunks += [span for span in re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
+               if " " in span.strip()]
     commands = []
     for chunk in chunks:
         chunk = re.sub(r"\\\n", " ", chunk)
@@ -247,7 +252,7 @@ def test_readme_console_scripts_exist() -> None:
             if w == "--rm" and i + 2 < len(words):
                 heads.append(words[i + 2])
         named.update(h for h in heads if h.startswith("seedling"))
-    assert named <= scripts, f"README runs console scripts pyproject.toml lacks: {named - scripts}"
+    assert named <= set(scripts), f"README runs console scripts pyproject.toml lacks: {named - set(scripts)}"
 
 
 def test_readme_env_vars_exist() -> None:
