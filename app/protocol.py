@@ -22,6 +22,12 @@ from model.sampling import SamplingParams
 from .errors import InvalidRequest
 
 MAX_SEED = 2**63 - 1
+MIN_PENALTY = 0.01  # smaller repetition penalties overflow fp32 logits (x / 1e-157 = inf)
+GREEDY_BELOW = 1e-5  # temperatures below this are greedy (logits / 1e-300 is inf in fp32)
+
+
+def _temperature(value: float) -> float:
+    return 0.0 if value < GREEDY_BELOW else value
 NonEmptyStr = Annotated[str, Field(min_length=1)]
 
 
@@ -85,7 +91,7 @@ class SamplingFields(_Strict):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0, le=1_000_000, description="0 = off")
     min_p: float = Field(0.0, ge=0, le=1)
-    repetition_penalty: float = Field(1.0, gt=0, le=10)
+    repetition_penalty: float = Field(1.0, ge=MIN_PENALTY, le=10)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
@@ -94,7 +100,7 @@ class SamplingFields(_Strict):
     def sampling_params(self, limits: Limits, **extra: Any) -> SamplingParams:
         max_tokens = _max_tokens(self.max_tokens, limits, "max_tokens")
         return SamplingParams(
-            max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+            max_tokens=max_tokens, temperature=_temperature(self.temperature), top_p=self.top_p, top_k=self.top_k,
             min_p=self.min_p, repetition_penalty=self.repetition_penalty,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             seed=self.seed, stop=_stops(self.stop), **extra)
@@ -312,8 +318,8 @@ class OpenAISampling(_Lenient):
     # llama.cpp / vLLM extras
     top_k: int | None = Field(None, ge=-1, le=1_000_000, description="extra; 0 or -1 = off")
     min_p: float | None = Field(None, ge=0, le=1, description="extra")
-    repeat_penalty: float | None = Field(None, gt=0, le=10, description="extra (llama.cpp name)")
-    repetition_penalty: float | None = Field(None, gt=0, le=10, description="extra (vLLM name)")
+    repeat_penalty: float | None = Field(None, ge=MIN_PENALTY, le=10, description="extra (llama.cpp name)")
+    repetition_penalty: float | None = Field(None, ge=MIN_PENALTY, le=10, description="extra (vLLM name)")
     ignore_eos: bool | None = Field(False, description="extra: keep generating past EOS")
     min_tokens: int | None = Field(None, ge=0, description="extra")
 
@@ -331,7 +337,7 @@ class OpenAISampling(_Lenient):
         penalty = self.repetition_penalty if self.repetition_penalty is not None else self.repeat_penalty
         return SamplingParams(
             max_tokens=_max_tokens(max_tokens, limits, "max_tokens"),
-            temperature=1.0 if self.temperature is None else self.temperature,
+            temperature=1.0 if self.temperature is None else _temperature(self.temperature),
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=max(self.top_k or 0, 0), min_p=self.min_p or 0.0,
             repetition_penalty=1.0 if penalty is None else penalty,

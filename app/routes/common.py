@@ -29,7 +29,9 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     )
 }
 SSE_RESPONSE: dict[int | str, dict[str, Any]] = {
-    200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+    200: {"content": {"text/event-stream": {"schema": {
+        "type": "object", "required": ["data"],
+        "properties": {"data": {"type": "string", "description": "a JSON chunk, or [DONE]"}}}}},
           "description": "JSON, or an SSE stream when `stream` is true"},
 }
 
