@@ -167,12 +167,13 @@ class SentencePieceTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         if not skip_special:
             return b"".join(
-                self.sp.id_to_piece(i).encode() if i in self._special_ids else self._bytes[i] for i in ids
+                self.sp.id_to_piece(i).encode() if i in self._special_ids else self.token_bytes(i) for i in ids
             ).decode("utf-8", errors="replace")
-        return b"".join(self._bytes[i] for i in ids).decode("utf-8", errors="replace")
+        return b"".join(self.token_bytes(i) for i in ids).decode("utf-8", errors="replace")
 
     def token_bytes(self, token_id: int) -> bytes:
-        return self._bytes[token_id]
+        # ids past the vocabulary (padding rows of a larger model embedding) stand for nothing
+        return self._bytes[token_id] if 0 <= token_id < self.vocab_size else b""
 
     def save(self, directory: Path) -> None:
         directory = Path(directory)
@@ -305,10 +306,11 @@ class BPETokenizer(Tokenizer):
         return [self.bos_id, *ids] if add_bos and self.bos_id is not None else ids
 
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
-        return self.tk.decode(list(ids), skip_special_tokens=skip_special)
+        # ids past the vocabulary (padding rows of a larger model embedding) stand for nothing
+        return self.tk.decode([i for i in ids if 0 <= i < self.vocab_size], skip_special_tokens=skip_special)
 
     def token_bytes(self, token_id: int) -> bytes:
-        return self._bytes[token_id]
+        return self._bytes[token_id] if 0 <= token_id < self.vocab_size else b""
 
     def save(self, directory: Path) -> None:
         directory = Path(directory)
