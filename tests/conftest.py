@@ -3,6 +3,8 @@
     tiny_checkpoint      Path to a random "test"-preset model + a small SentencePiece tokenizer, written with
                          save_checkpoint. Milliseconds to load: `load_checkpoint(tiny_checkpoint)`.
     tiny_sp_tokenizer    that SentencePiece tokenizer (trained on TINY_CORPUS, English + Chinese).
+    tiny_bpe_tokenizer   a byte-level BPETokenizer (~400 ids; 0..2 = <|endoftext|>, <|im_start|>, <|im_end|>)
+                         built like an imported one (vocab + merges); `build_tiny_bpe()` makes a fresh one.
     smollm2_checkpoint   Path to the real SmolLM2-135M-Instruct checkpoint (ensure_default_model(): cached
                          under $SEEDLING_HOME; `make test` runs `python -m model.convert default` first).
                          Tests using it are marked `@pytest.mark.slow` (they still run in CI).
@@ -40,6 +42,39 @@ def tiny_sp_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
     out = tmp_path_factory.mktemp("tiny_sp")
     return train_sentencepiece(TINY_CORPUS * 20, out, vocab_size=400, model_type="bpe")
+
+
+def tiny_bpe_parts() -> tuple[list[str], list[str], list[int]]:
+    """(tokens, merges, llama.cpp token types) of a small byte-level BPE trained on TINY_CORPUS: what a
+    GGUF stores as tokenizer.ggml.tokens / merges / token_type."""
+    import json
+
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers, trainers
+
+    tk = HFTokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tk.train_from_iterator(TINY_CORPUS * 20, trainer)
+    model = json.loads(tk.to_str())["model"]
+    tokens = sorted(model["vocab"], key=model["vocab"].get)
+    merges = [" ".join(m) if isinstance(m, list) else m for m in model["merges"]]
+    types = [3 if i < 3 else 1 for i in range(len(tokens))]
+    return tokens, merges, types
+
+
+def build_tiny_bpe(default_system_prompt: str | None = None) -> Any:
+    from model.tokenizer import BPETokenizer
+
+    tokens, merges, types = tiny_bpe_parts()
+    return BPETokenizer.from_vocab_merges(tokens, merges, types, eos_id=2, bos_id=1, pre="smollm",
+                                          default_system_prompt=default_system_prompt)
+
+
+@pytest.fixture(scope="session")
+def tiny_bpe_tokenizer() -> Any:
+    return build_tiny_bpe()
 
 
 @pytest.fixture(scope="session")

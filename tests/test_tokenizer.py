@@ -23,6 +23,7 @@ from model.tokenizer import (
     render_chat,
     train_sentencepiece,
 )
+from tests.conftest import build_tiny_bpe
 
 MIXED = ("Hello, world! The year 2024 had 366 days.\n\n你好，世界！机器学习 🤖🎉👍🏽 café naïve\n"
          "def f(x):\n\treturn x ** 2  # square\r\n   \u00a0trailing   \n\n\n  {\"key\": [1, 2.5e-3]}  "
@@ -30,24 +31,8 @@ MIXED = ("Hello, world! The year 2024 had 366 days.\n\n你好，世界！机器�
 UNICODE = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=200)
 
 
-def _trained_bpe(tmp_path: Path) -> BPETokenizer:
-    """A tiny byte-level BPE built the way convert builds one: from a vocab + merges + token types."""
-    import json
-
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import models, pre_tokenizers, trainers
-
-    tk = HFTokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", IM_START, IM_END],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tk.train_from_iterator([MIXED, "the quick brown fox 你好 世界"] * 20, trainer)
-    model = json.loads(tk.to_str())["model"]
-    tokens = sorted(model["vocab"], key=model["vocab"].get)
-    merges = [" ".join(m) if isinstance(m, list) else m for m in model["merges"]]
-    types = [3 if i < 3 else 1 for i in range(len(tokens))]
-    return BPETokenizer.from_vocab_merges(tokens, merges, types, eos_id=2, bos_id=1, pre="smollm",
-                                          default_system_prompt="Be brief.")
+def _trained_bpe(_: Path | None = None) -> BPETokenizer:
+    return build_tiny_bpe(default_system_prompt="Be brief.")
 
 
 # ------------------------------------------------------------------------------- SentencePiece
