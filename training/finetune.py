@@ -99,7 +99,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu-demo": dict(data=[f"classify={SHARED}/banking77/train.jsonl@3",
                            f"{SHARED}/bitext_customer_support/train.jsonl@1"],
                      classify_candidates=10, max_len=384, batch_size=4, max_steps=100, lr=1e-4, min_lr=1e-5,
-                     warmup_steps=5, eval_every=50, val_examples=16, max_records=4000),
+                     warmup_steps=5, eval_every=50, val_examples=16, max_records=4000, threads=1),
     "gpu": dict(data=[f"classify={SHARED}/banking77/train.jsonl@2", f"{SHARED}/clinc150/train.jsonl@1",
                       f"{SHARED}/dialogsum/train.jsonl@1", f"{SHARED}/tatoeba_en_zh/train.jsonl.gz@1",
                       f"{SHARED}/multi30k_en_de/train.jsonl.gz@1",

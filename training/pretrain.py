@@ -98,10 +98,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # seconds, for tests
     "tiny": dict(model="test", seq_len=32, batch_size=4, max_steps=20, lr=3e-3, min_lr=3e-4, warmup_steps=4,
                  eval_every=10, eval_batches=2, save_every=10, log_every=1, progress=False, threads=1),
-    # ~6 minutes on a 2-core CPU: a ~4M-parameter model with the tokenizer's 4k vocabulary
+    # ~3 minutes on a quiet 2-core CPU (one thread: on a shared CPU, OpenMP threads spin against other
+    # processes and two threads ran 3x slower than one): a ~4M-parameter model, 0.3M tokens
     "cpu-demo": dict(model="cpu-small", dim=256, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=768,
-                     seq_len=128, batch_size=16, max_steps=600, lr=2e-3, min_lr=2e-4, warmup_steps=30,
-                     eval_every=100, eval_batches=4, save_every=100, log_every=10),
+                     seq_len=128, batch_size=8, max_steps=300, lr=2e-3, min_lr=2e-4, warmup_steps=20,
+                     eval_every=100, eval_batches=4, save_every=100, log_every=10, threads=1),
     # a real run: ~125M parameters, 0.5M tokens per step on one GPU (scale grad_accum down for more GPUs)
     "gpu": dict(model="gpu-125m", seq_len=1024, batch_size=32, grad_accum=16, max_steps=20000, lr=6e-4,
                 min_lr=6e-5, warmup_steps=700, eval_every=500, eval_batches=20, save_every=1000,
