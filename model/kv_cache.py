@@ -105,7 +105,7 @@ class CacheBatch:
         k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]  # (S, Hkv, L, hd)
         k_cache[self.write_slots, :, self.write_positions] = k[0]
         v_cache[self.write_slots, :, self.write_positions] = v[0]
-        out = torch.empty_like(q)
+        out = torch.empty_like(q) if self.prefills else q
         if self.decode_index is not None:
             longest = self.decode_mask.shape[-1]
             if self.decode_contiguous:
@@ -114,6 +114,10 @@ class CacheBatch:
             else:
                 kd = k_cache[:, :, :longest].index_select(0, self.decode_slots)  # (Bd, Hkv, L, hd)
                 vd = v_cache[:, :, :longest].index_select(0, self.decode_slots)
+            if not self.prefills:  # a pure decode step: packed order is decode order
+                od = F.scaled_dot_product_attention(q[0][:, :, None, :], kd, vd, attn_mask=self.decode_mask,
+                                                    enable_gqa=True)
+                return od.view(q.shape)
             qd = q[0].index_select(0, self.decode_index)[:, :, None, :]  # (Bd, H, 1, hd)
             od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=self.decode_mask, enable_gqa=True)
             out[0, self.decode_index] = od[:, :, 0, :]

@@ -1,0 +1,97 @@
+"""Quality cost of the serving options (int8 weights, bf16) against fp32 on the same checkpoint:
+perplexity on fixed text (target: within 2 % of fp32) and greedy agreement on the 5 reference prompts.
+
+    python -m bench.quality                                     # fp32 vs int8 vs bf16 vs bf16+int8
+    python -m bench.quality --text ../shared/data/en_public_domain_text/test.jsonl --max-tokens 8192
+
+Perplexity is computed over non-overlapping 512-token windows of the text (one JSON object with a
+"text" field per line, or plain text).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from model.checkpoint import load_checkpoint
+from model.convert import ensure_default_model
+from model.engine import EngineConfig, LLMEngine
+from model.quantize import optimize_for_inference
+from model.sampling import SamplingParams
+
+HERE = Path(__file__).resolve().parent
+REFERENCE = HERE.parent / "tests" / "fixtures" / "reference_outputs.json"
+DEFAULT_TEXT = HERE.parent.parent / "shared" / "data" / "en_public_domain_text" / "test.jsonl"
+
+
+def read_text(path: Path) -> str:
+    raw = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        return "\n\n".join(json.loads(line)["text"] for line in raw.splitlines() if line.strip())
+    return raw
+
+
+@torch.inference_mode()
+def perplexity(model, ids: list[int], window: int = 512) -> float:
+    nll, count = 0.0, 0
+    for start in range(0, len(ids) - 1, window):
+        chunk = ids[start:start + window + 1]
+        if len(chunk) < 2:
+            break
+        logits = model(torch.tensor([chunk[:-1]])).float()[0]
+        nll += float(torch.nn.functional.cross_entropy(logits, torch.tensor(chunk[1:]), reduction="sum"))
+        count += len(chunk) - 1
+    return math.exp(nll / count)
+
+
+def greedy_outputs(model, tokenizer, prompts: list[list[int]]) -> list[list[int]]:
+    engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=len(prompts), max_model_len=512))
+    return [o.token_ids for o in engine.generate(prompts, SamplingParams(max_tokens=64, temperature=0))]
+
+
+def agreement(a: list[int], b: list[int]) -> int:
+    """Length of the common prefix (greedy text is identical up to there)."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", default=None)
+    ap.add_argument("--text", default=str(DEFAULT_TEXT), help="text or JSONL file for perplexity")
+    ap.add_argument("--max-tokens", type=int, default=4096, help="tokens of text to score")
+    ap.add_argument("--variants", default="fp32,int8,bf16,bf16+int8")
+    a = ap.parse_args()
+    path = a.checkpoint or ensure_default_model()
+    base = load_checkpoint(path, dtype=torch.float32)
+    tok = base.tokenizer
+    ids = tok.encode(read_text(Path(a.text)))[:a.max_tokens]
+    refs = json.loads(REFERENCE.read_text())["prompts"]
+    prompts = [r["prompt_ids"] for r in refs]
+    print(f"# quality: {path}; perplexity over {len(ids)} tokens of {a.text}; greedy on {len(prompts)} prompts")
+    results = {}
+    for variant in a.variants.split(","):
+        model = copy.deepcopy(base.model)
+        if variant.startswith("bf16"):
+            model = model.to(torch.bfloat16)
+        model = optimize_for_inference(model, quantize="int8" if variant.endswith("int8") else None)
+        results[variant] = (perplexity(model, ids), greedy_outputs(model, tok, prompts))
+        print(f"{variant}: perplexity {results[variant][0]:.3f}", flush=True)
+    ppl0, out0 = results["fp32"] if "fp32" in results else next(iter(results.values()))
+    print("\n| variant | perplexity | vs fp32 | greedy outputs identical to fp32 | mean common prefix (tokens) |")
+    print("|---|---|---|---|---|")
+    for variant, (ppl, outs) in results.items():
+        same = sum(o == r for o, r in zip(outs, out0, strict=True))
+        prefix = sum(agreement(o, r) for o, r in zip(outs, out0, strict=True)) / len(outs)
+        print(f"| {variant} | {ppl:.3f} | {100 * (ppl / ppl0 - 1):+.2f}% | {same}/{len(outs)} | {prefix:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Streaming detokenization: deltas are whole characters (never U+FFFD for valid text) and add up to
+the full decode; stop strings are cut wherever the token boundaries fall."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from model.engine.detokenizer import IncrementalDetokenizer
+
+# English, CJK, emoji (incl. 4-byte and ZWJ sequences), accents, whitespace
+ALPHABET = st.sampled_from(list("abc xyz\n\t.,!?éüß中文字机器学习你好世界") + ["😀", "🚀", "👩‍💻", "🇯🇵", "𝔘", "  "])
+TEXTS = st.lists(ALPHABET, min_size=1, max_size=40).map("".join)
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer(smollm2_checkpoint):
+    from model.tokenizer import Tokenizer
+
+    return Tokenizer.load(smollm2_checkpoint)
+
+
+def stream(tokenizer, ids, stop=()) -> tuple[list[str], IncrementalDetokenizer]:
+    detok = IncrementalDetokenizer(tokenizer.token_bytes, stop)
+    deltas = [detok.add(i) for i in ids]
+    deltas.append(detok.flush())
+    return deltas, detok
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=TEXTS)
+def test_sentencepiece_stream_never_shows_replacement_char(tiny_sp_tokenizer, text):
+    ids = tiny_sp_tokenizer.encode(text)
+    deltas, _ = stream(tiny_sp_tokenizer, ids)
+    assert all("\ufffd" not in d for d in deltas)
+    assert "".join(deltas) == text == tiny_sp_tokenizer.decode(ids)
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=TEXTS)
+def test_byte_level_bpe_stream_never_shows_replacement_char(tiny_bpe_tokenizer, text):
+    ids = tiny_bpe_tokenizer.encode(text)
+    deltas, _ = stream(tiny_bpe_tokenizer, ids)
+    assert all("\ufffd" not in d for d in deltas)
+    assert "".join(deltas) == text
+
+
+@pytest.mark.slow
+@settings(max_examples=100, deadline=None)
+@given(text=TEXTS)
+def test_smollm2_tokenizer_stream(smollm2_tokenizer, text):
+    ids = smollm2_tokenizer.encode(text)
+    deltas, _ = stream(smollm2_tokenizer, ids)
+    assert all("\ufffd" not in d for d in deltas)
+    assert "".join(deltas) == text
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=TEXTS, data=st.data())
+def test_stop_string_is_cut_at_any_token_boundary(tiny_bpe_tokenizer, text, data):
+    start = data.draw(st.integers(0, len(text) - 1))
+    stop = text[start:start + data.draw(st.integers(1, 4))]
+    deltas, detok = stream(tiny_bpe_tokenizer, tiny_bpe_tokenizer.encode(text), stop=[stop])
+    shown = "".join(deltas)
+    assert detok.stopped_by == stop
+    assert shown == text[:text.index(stop)]
+    assert "\ufffd" not in shown
+
+
+def test_text_that_only_looks_like_a_stop_prefix_is_released():
+    tokens = {1: b"ab", 2: b"c", 3: b"d"}
+    detok = IncrementalDetokenizer(tokens.__getitem__, stop=["abx"])
+    assert detok.add(1) == ""  # "ab" could still become "abx"
+    assert detok.add(2) == "abc"
+    assert detok.add(3) == "d"
+    assert detok.flush() == "" and detok.stopped_by is None
