@@ -131,6 +131,8 @@ CORRUPTIONS: dict[str, tuple[Callable[[Path], None], str]] = {
     "config/weights mismatch": (_edit_config(intermediate_size=96), "shape"),
     "tokenizer too big": (_edit_config(vocab_size=100), "tokenizer"),
     "missing tokenizer": (lambda d: (d / "tokenizer.model").unlink(), "tokenizer"),
+    "corrupt tokenizer": (lambda d: (d / "tokenizer.model").write_bytes(b"garbage"), "tokenizer"),
+    "corrupt tokenizer config": (lambda d: (d / "tokenizer_config.json").write_text("{"), "tokenizer"),
     "corrupt meta": (lambda d: (d / "seedling.json").write_text("[1,"), "seedling.json"),
 }
 
