@@ -46,20 +46,12 @@ RUN .ci/setup.sh && rm -rf ./*.egg-info/ .ci/ \
 
 # ---- runtime: python3, the venv and the code; runs as a non-root user -------------------------
 FROM ${BASE_IMAGE} AS runtime
-ENV DEBIAN_FRONTEND=noninteractive
-# hadolint ignore=DL3008
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 ca-certificates \
-    && rm -rf /var/lib/apt/lists/* \
-    && useradd --system --uid 10001 --user-group --create-home --home-dir /home/seedling seedling \
-    && mkdir -p /data \
-    && chown seedling:seedling /data
-# the venv's editable install points at /opt/seedling, so both keep their paths
-COPY --from=build /opt/venv /opt/venv
-COPY --from=build /opt/seedling /opt/seedling
+# Metadata first and the big layer (venv + code) last: each later instruction would otherwise
+# snapshot the whole image again on storage drivers without copy-on-write (vfs).
 # Settings: SEEDLING_* variables (README "Configuration"); only the container-specific ones here.
 # NVIDIA_*: read by the NVIDIA container toolkit when the CUDA build runs with a GPU reservation.
-ENV PATH=/opt/venv/bin:$PATH \
+ENV DEBIAN_FRONTEND=noninteractive \
+    PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HOME=/home/seedling \
@@ -68,9 +60,16 @@ ENV PATH=/opt/venv/bin:$PATH \
     SEEDLING_PORT=8000 \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --uid 10001 --user-group --no-log-init --create-home --home-dir /home/seedling \
+       --shell /usr/sbin/nologin seedling \
+    && mkdir -p /data \
+    && chown seedling:seedling /data
 WORKDIR /data
 VOLUME ["/data"]
-USER 10001:10001
 EXPOSE 8000
 # /ready is 503 until the model is loaded and warm, and while draining after SIGTERM.
 # The first start may download the default model, hence the long start period.
@@ -80,3 +79,7 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=600s --retries=3 \
 # requests, drains in-flight ones for up to SEEDLING_DRAIN_TIMEOUT_S, then exits.
 STOPSIGNAL SIGTERM
 CMD ["python", "-m", "app"]
+USER 10001:10001
+# /opt holds only the venv and the code (root-owned: read-only to the server). The venv's editable
+# install points at /opt/seedling, so both keep their paths.
+COPY --from=build /opt /opt
