@@ -64,7 +64,7 @@ class FinetuneConfig:
     init_from: str = field("default", help="checkpoint dir to start from, or 'default' (SmolLM2-135M-Instruct)")
     data: list[str] = field(default_factory=list, help="sources: [task[/name]=]path[@weight] (JSONL or .jsonl.gz)")
     out_dir: str = field("runs/finetune", help="output directory (checkpoint/, metrics.jsonl, loss.png)")
-    max_records: int = field(0, help="read at most this many records per source (0 = all)")
+    max_records: int = field(0, help="use a seeded random sample of this many records per source (0 = all)")
     val_examples: int = field(32, help="examples held out (from the mixture) for validation loss")
     max_len: int = field(512, help="longest rendered example in tokens; chats are cut at a turn, others dropped")
     classify_candidates: int = field(0, help="labels listed in a classify prompt: gold + k-1 random others "
@@ -149,7 +149,10 @@ def load_sources(specs: list[str], max_records: int) -> list[Source]:
         task, name, path, weight = parse_source(spec)
         if not path.exists():
             raise TrainingError(f"data file {path} not found (from --data {spec!r})")
-        records = list(iter_jsonl(path, limit=max_records or None))
+        records = list(iter_jsonl(path))
+        if max_records and max_records < len(records):  # a seeded sample: files are often sorted by label
+            keep = sorted(random.Random(0).sample(range(len(records)), max_records))
+            records = [records[i] for i in keep]
         if not records:
             raise TrainingError(f"{path} has no records")
         task = task or detect_task(records[0])
