@@ -199,17 +199,19 @@ def train_sentencepiece(texts_or_file: Iterable[str] | str | Path, out_dir: str 
 
     if model_type not in ("bpe", "unigram"):
         raise TokenizerError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}")
-    if isinstance(texts_or_file, (str, Path)) and Path(texts_or_file).is_file():
-        with open(texts_or_file, encoding="utf-8") as f:
-            lines: list[str] = [ln.rstrip("\n") for ln in f]
+    if isinstance(texts_or_file, (str, Path)):  # a file: SentencePiece streams it (one sentence a line)
+        if not Path(texts_or_file).is_file():
+            raise TokenizerError(f"train_sentencepiece: no such file {texts_or_file}; pass a path or a list of texts")
+        source: dict[str, Any] = {"input": str(texts_or_file), "input_sentence_size": max_sentences,
+                                  "shuffle_input_sentence": True}
     else:
-        lines = [t for text in texts_or_file for t in str(text).splitlines()]
-    lines = [ln for ln in lines if ln.strip()][:max_sentences]
-    if not lines:
-        raise TokenizerError("train_sentencepiece got no text")
+        lines = [ln for text in texts_or_file for ln in str(text).splitlines() if ln.strip()][:max_sentences]
+        if not lines:
+            raise TokenizerError("train_sentencepiece got no text")
+        source = {"sentence_iterator": iter(lines)}
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size, model_type=model_type,
+        **source, model_writer=model, vocab_size=vocab_size, model_type=model_type,
         byte_fallback=True, add_dummy_prefix=False, normalization_rule_name="identity",
         remove_extra_whitespaces=False, split_digits=True,
         character_coverage=0.9995, hard_vocab_limit=False, max_sentence_length=1 << 16,

@@ -81,6 +81,10 @@ def test_train_sentencepiece_unigram_from_file(tmp_path: Path) -> None:
     assert tok.decode(tok.encode(MIXED)) == MIXED
     with pytest.raises(TokenizerError):
         train_sentencepiece(["x"], None, model_type="wordpiece")
+    with pytest.raises(TokenizerError, match="no such file"):
+        train_sentencepiece(str(tmp_path / "missing.txt"))
+    with pytest.raises(TokenizerError, match="no text"):
+        train_sentencepiece(["", "  "])
 
 
 def test_load_without_tokenizer_files(tmp_path: Path) -> None:
