@@ -60,7 +60,7 @@ def test_hf_tensor_names(tiny_checkpoint: Path) -> None:
 
 def test_transformers_loads_our_checkpoint(tiny_checkpoint: Path) -> None:
     transformers = pytest.importorskip("transformers")
-    hf = transformers.LlamaForCausalLM.from_pretrained(str(tiny_checkpoint), torch_dtype=torch.float32).eval()
+    hf = transformers.LlamaForCausalLM.from_pretrained(str(tiny_checkpoint), dtype=torch.float32).eval()
     with torch.inference_mode():
         diff = (hf(TOKENS).logits - load_checkpoint(tiny_checkpoint).model(TOKENS)).abs().max().item()
     print(f"tiny checkpoint: max |logit diff| vs transformers = {diff:.3e}")
