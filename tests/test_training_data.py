@@ -121,3 +121,20 @@ def test_accuracy_and_macro_f1_hand_computed() -> None:
     assert metrics.accuracy(gold, pred) == pytest.approx(3 / 5)
     # a: tp1 fp1 fn1 -> 0.5; b: tp2 fp1 fn0 -> 0.8; c: tp0 -> 0 ; macro = 1.3/3
     assert metrics.macro_f1(gold, pred) == pytest.approx(1.3 / 3)
+
+
+def test_masked_loss_equals_full_logits_mean_over_assistant_tokens(tiny_checkpoint, tiny_sp_tokenizer) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from model.checkpoint import load_checkpoint
+    from training.finetune import masked_loss
+
+    model = load_checkpoint(tiny_checkpoint).model
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}]
+    exs = [render_example(tiny_sp_tokenizer, msgs, tasks.CHAT), render_example(tiny_sp_tokenizer, msgs[:1] + [
+        {"role": "assistant", "content": "A longer answer, with more tokens."}], tasks.CHAT)]
+    x, y, w = sft_batch(exs, pad_id=tiny_sp_tokenizer.pad_id)
+    loss, n = masked_loss(model, x, y, w)
+    nll = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="none")
+    assert n == w.sum() and torch.allclose(loss, (nll * w.flatten()).sum() / w.sum(), atol=1e-6)

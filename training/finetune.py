@@ -223,11 +223,15 @@ class Mixture:
         raise TrainingError("1000 examples in a row were unusable (too long for --max_len or malformed)")
 
 
-def masked_loss(logits: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy over target positions with weight 1; returns (loss, number of targets)."""
-    nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")  # (B*T,)
-    n = w.sum()
-    return (nll * w.flatten()).sum() / n.clamp(min=1), n
+def masked_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy over the target positions (w == 1); returns (loss, number of targets).
+    Logits are computed only where the loss counts (`logits_index`): assistant tokens are a small
+    share of an SFT example, and the output head over a 49k vocabulary is the costliest matmul."""
+    index = w.flatten().nonzero()[:, 0]  # (K,) flattened (B*T) positions that are targets
+    logits = model(x, logits_index=index)  # (K, V)
+    loss = F.cross_entropy(logits.float(), y.flatten().index_select(0, index))
+    return loss, torch.tensor(float(index.numel()))
 
 
 @torch.no_grad()
@@ -239,8 +243,7 @@ def validate(model: torch.nn.Module, examples: list[SFTExample], batch_size: int
     for i in range(0, len(examples), batch_size):
         x, y, w = (t.to(device) for t in sft_batch(examples[i:i + batch_size], pad_id))
         with autocast(device, dtype):
-            logits = model(x)
-        loss, n = masked_loss(logits, y, w)
+            loss, n = masked_loss(model, x, y, w)
         total += loss.item() * n.item()
         count += n.item()
     model.train(was)
@@ -308,8 +311,7 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
             batch = [mixture.example() for _ in range(cfg.batch_size)]
             x, y, w = (t.to(device) for t in sft_batch(batch, pad_id))  # (B, T) each
             with autocast(device, cfg.dtype):
-                logits = model(x)  # (B, T, V)
-            loss, _ = masked_loss(logits, y, w)
+                loss, _ = masked_loss(model, x, y, w)
             (loss / cfg.grad_accum).backward()
             loss_sum += loss.item()
             tokens += int(x.numel())
