@@ -49,6 +49,7 @@ class Result:
     ttft_s: float | None
     tokens: int
     error: str | None = None
+    itl_s: list[float] | None = None  # gaps between consecutive content chunks (inter-token latency)
 
 
 def is_loopback(url: str) -> bool:
@@ -82,7 +83,10 @@ def load_prompts(path: str | None) -> list[str]:
 
 
 async def one_request(client: httpx.AsyncClient, args: argparse.Namespace, prompt: str) -> Result:
-    body = {"model": args.model, "messages": [{"role": "user", "content": prompt}], "max_tokens": args.max_tokens,
+    messages = [{"role": "user", "content": prompt}]
+    if getattr(args, "system", None):
+        messages.insert(0, {"role": "system", "content": args.system})
+    body = {"model": args.model, "messages": messages, "max_tokens": args.max_tokens,
             "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
     if args.ignore_eos:
         body["ignore_eos"] = True
@@ -90,6 +94,8 @@ async def one_request(client: httpx.AsyncClient, args: argparse.Namespace, promp
         body.update(json.loads(args.extra_body))
     t0 = time.perf_counter()
     t_first = None
+    t_last = None
+    gaps: list[float] = []
     chunks = 0
     usage_tokens = None
     try:
@@ -111,13 +117,17 @@ async def one_request(client: httpx.AsyncClient, args: argparse.Namespace, promp
                 for choice in obj.get("choices") or []:
                     if (choice.get("delta") or {}).get("content"):
                         chunks += 1
+                        now = time.perf_counter()
                         if t_first is None:
-                            t_first = time.perf_counter()
+                            t_first = now
+                        else:
+                            gaps.append(now - t_last)
+                        t_last = now
     except (httpx.HTTPError, json.JSONDecodeError) as exc:
         return Result(False, t0, time.perf_counter(), None, 0, repr(exc)[:200])
     t_end = time.perf_counter()
     return Result(True, t0, t_end, None if t_first is None else t_first - t0,
-                  usage_tokens if usage_tokens is not None else chunks)
+                  usage_tokens if usage_tokens is not None else chunks, itl_s=gaps)
 
 
 async def run_level(args: argparse.Namespace, prompts: list[str], conc: int) -> dict:
@@ -145,6 +155,7 @@ async def run_level(args: argparse.Namespace, prompts: list[str], conc: int) -> 
     lat = [r.t_end - r.t_send for r in good]
     ttft = [r.ttft_s for r in good if r.ttft_s is not None]
     tokens = [r.tokens for r in good]
+    itl = [g for r in good for g in (r.itl_s or [])]
     return {
         "concurrency": conc, "requests": len(good), "errors": len(results) - len(good),
         "cut_by_max_wall_s": len(pending), "wall_s": wall,
@@ -152,6 +163,7 @@ async def run_level(args: argparse.Namespace, prompts: list[str], conc: int) -> 
         "tokens_per_s": sum(tokens) / wall if wall else 0.0,
         "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99),
         "latency_p50_s": pct(lat, 50), "latency_p99_s": pct(lat, 99),
+        "itl_p50_s": pct(itl, 50), "itl_p99_s": pct(itl, 99),
         "tokens_per_request": [min(tokens, default=0), max(tokens, default=0)],
         "first_errors": [r.error for r in results if not r.ok][:3],
     }
