@@ -64,6 +64,7 @@ def load_model(settings: ServerSettings) -> Loaded:
 
     from model.checkpoint import load_checkpoint
     from model.engine import EngineConfig, LLMEngine
+    from model.quantize import optimize_for_inference
 
     device = settings.device
     if device == "auto":
@@ -78,8 +79,10 @@ def load_model(settings: ServerSettings) -> Loaded:
         log.warning("max_model_len %d lowered to the model's max_seq_len %d", settings.max_model_len,
                     max_model_len)
     config = EngineConfig(max_num_seqs=settings.max_num_seqs, max_model_len=max_model_len,
-                          max_num_batched_tokens=max(settings.max_num_batched_tokens, settings.max_num_seqs))
-    engine = LLMEngine(ckpt.model, ckpt.tokenizer, config)
+                          max_num_batched_tokens=max(settings.max_num_batched_tokens, settings.max_num_seqs),
+                          prefill_chunk=settings.prefill_chunk, enable_prefix_caching=settings.prefix_caching)
+    model = optimize_for_inference(ckpt.model, quantize=None if settings.quantize == "none" else settings.quantize)
+    engine = LLMEngine(model, ckpt.tokenizer, config)
     name = settings.model_name or str(ckpt.meta.get("name") or Path(path).resolve().name)
     log.info("loaded %s from %s on %s (%s), max_model_len %d", name, path, device, dtype_name, max_model_len)
     return Loaded(engine, ckpt.tokenizer, ckpt.meta, name, max_model_len)
