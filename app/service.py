@@ -118,6 +118,8 @@ class Service:
         """RequestOutputs for one item, with metrics and outcome counting."""
         timer = RequestTimer(self.metrics)
         outcome = "error"
+        if self.settings.log_prompts:
+            log.info("request %s prompt: %r", request_id, self.tokenizer.decode(prompt_ids, skip_special=False))
         try:
             async for out in self.client.generate(request_id, prompt_ids, params, deadline, timer):
                 if out.finished:
