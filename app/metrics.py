@@ -58,7 +58,7 @@ class Metrics:
                              buckets=TOKEN_BUCKETS, registry=r)
         self.e2e = Histogram("seedling_e2e_request_latency_seconds", "arrival to last token",
                              buckets=LATENCY_BUCKETS, registry=r)
-        self.queue = Histogram("seedling_queue_time_seconds", "arrival to the engine accepting the request",
+        self.queue = Histogram("seedling_queue_time_seconds", "arrival to the engine scheduling the request (HTTP hand-off + waiting for a KV slot)",
                                buckets=LATENCY_BUCKETS, registry=r)
         r.register(_EngineCollector(state))
 
@@ -82,8 +82,9 @@ class RequestTimer:
         if self.metrics is not None and n_new:
             if self.t_last is None:
                 self.metrics.ttft.observe(now - self.t_arrival)
-                if t_added is not None:
-                    self.metrics.queue.observe(max(t_added - self.t_arrival, 0.0))
+                if t_added is not None:  # HTTP arrival -> engine, plus the engine's own wait for a slot
+                    waited = getattr(out, "queue_time_s", None) or 0.0
+                    self.metrics.queue.observe(max(t_added - self.t_arrival, 0.0) + waited)
             else:
                 per_token = (now - self.t_last) / n_new
                 for _ in range(n_new):

@@ -126,6 +126,8 @@ def filter_and_sample(logits: torch.Tensor, params: SamplingParams, generator: t
         drop = cumulative - sorted_probs >= params.top_p  # keep the token that crosses top_p
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+    if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
+        return int(torch.argmax(logits))  # degenerate distribution (extreme parameters): fall back to greedy
     return int(torch.multinomial(probs, 1, generator=generator))
 
 

@@ -21,6 +21,7 @@ class LetterTokenizer:
     """Token i is two ASCII letters: enough for the engine's text handling (deltas, stop strings)."""
 
     stop_ids = frozenset()
+    vocab_size = VOCAB
 
     def token_bytes(self, token_id: int) -> bytes:
         letters = "abcdefghijklmnopqrstuvwxyz"
@@ -255,3 +256,21 @@ def test_engine_on_smollm2_matches_transformers_greedy(smollm2_checkpoint, quant
         if quantize is None or case["id"] in ("greeting", "classify", "factual"):
             assert out.token_ids == case["hf_fp32_ids"], case["id"]
             assert out.text_delta == case["hf_fp32_text"]
+
+
+def test_never_samples_ids_the_tokenizer_lacks(tiny_checkpoint):
+    """The tiny checkpoint's model has 512 output rows but its tokenizer 400 tokens."""
+    from model.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(tiny_checkpoint)
+    assert ckpt.tokenizer.vocab_size < ckpt.config.vocab_size
+    engine = LLMEngine(ckpt.model, ckpt.tokenizer, EngineConfig(max_num_seqs=4, max_model_len=128))
+    outs = engine.generate([[5, 6, 7]] * 4, [SamplingParams(max_tokens=40, temperature=5.0, seed=s, ignore_eos=True)
+                                             for s in range(4)])
+    assert all(t < ckpt.tokenizer.vocab_size for o in outs for t in o.token_ids)
+    assert all(o.queue_time_s is not None and o.queue_time_s >= 0 for o in outs)
+
+
+def test_degenerate_sampling_parameters_do_not_crash(model, prompts):
+    out = make_engine(model).generate([prompts[0]], SamplingParams(max_tokens=5, temperature=1e-30, seed=0))[0]
+    assert out.completion_tokens == 5

@@ -97,7 +97,8 @@ class LLMEngine:
             raise ValueError(f"KV cache needs {need / 2**20:.0f} MiB for {config.max_num_seqs} sequences x "
                              f"{config.max_model_len} tokens, over the {config.max_kv_cache_bytes / 2**20:.0f} "
                              "MiB allowed; lower max_num_seqs or max_model_len")
-        self.runner = ModelRunner(model, config.max_num_seqs, config.max_model_len)
+        self.runner = ModelRunner(model, config.max_num_seqs, config.max_model_len,
+                                  valid_vocab=tokenizer.vocab_size if tokenizer else None)
         self.cache_manager = CacheManager(config.max_num_seqs, config.max_model_len,
                                           config.enable_prefix_caching)
         self.scheduler = Scheduler(self.cache_manager, config.max_num_batched_tokens, config.prefill_chunk)
@@ -186,6 +187,7 @@ class LLMEngine:
             finish_reason=seq.finish_reason, prompt_tokens=len(seq.prompt_ids),
             completion_tokens=len(seq.output_ids), cached_tokens=seq.num_cached_prompt,
             logprobs=logprobs, stop_reason=stop_reason,
+            queue_time_s=None if seq.first_scheduled_time is None else seq.first_scheduled_time - seq.arrival_time,
         )
 
     # ------------------------------------------------------------------------------ offline

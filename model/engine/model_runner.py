@@ -13,9 +13,12 @@ from model.transformer import Transformer
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, n_slots: int, max_seq_len: int) -> None:
+    def __init__(self, model: Transformer, n_slots: int, max_seq_len: int, valid_vocab: int | None = None
+                 ) -> None:
         self.model = model
         self.device = model.device
+        # a model may have more output rows than its tokenizer has tokens (padding): never sample those
+        self.valid_vocab = valid_vocab if valid_vocab and valid_vocab < model.config.vocab_size else None
         self.cache = KVCache(model.config, n_slots, max_seq_len, dtype=model.dtype, device=self.device)
 
     def copy_prefix(self, src: int, dst: int, length: int) -> None:
@@ -46,6 +49,8 @@ class ModelRunner:
         # 2. forward; logits only where a token is sampled: (K, V)
         logits = self.model(t, p, kv_cache=batch,
                             logits_index=torch.tensor(logits_index, device=self.device)).float()
+        if self.valid_vocab is not None:
+            logits[:, self.valid_vocab:] = float("-inf")
         # 3. sample
         sampling = [c.seq for c in chunks if c.samples]
         return self.sample(logits, sampling)

@@ -91,3 +91,4 @@ class RequestOutput:
     cached_tokens: int = 0
     logprobs: list[TokenLogprob] | None = None  # for new_token_ids, when requested
     stop_reason: str | int | None = None  # the stop string or token that ended it
+    queue_time_s: float | None = None  # arrival -> first scheduled (time spent waiting for a slot)
