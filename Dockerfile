@@ -51,7 +51,7 @@ FROM ${BASE_IMAGE} AS runtime
 # Settings: SEEDLING_* variables (README "Configuration"); only the container-specific ones here.
 # NVIDIA_*: read by the NVIDIA container toolkit when the CUDA build runs with a GPU reservation.
 ENV DEBIAN_FRONTEND=noninteractive \
-    PATH=/opt/venv/bin:$PATH \
+    PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HOME=/home/seedling \
