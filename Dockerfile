@@ -60,6 +60,8 @@ ENV DEBIAN_FRONTEND=noninteractive \
     SEEDLING_PORT=8000 \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
+# `chmod 0755 /`: a base made with debootstrap in a `mktemp -d` root (0700) locks the
+# non-root user out of everything; official images already have 0755.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 ca-certificates \
@@ -67,7 +69,8 @@ RUN apt-get update \
     && useradd --uid 10001 --user-group --no-log-init --create-home --home-dir /home/seedling \
        --shell /usr/sbin/nologin seedling \
     && mkdir -p /data \
-    && chown seedling:seedling /data
+    && chown seedling:seedling /data \
+    && chmod 0755 /
 WORKDIR /data
 VOLUME ["/data"]
 EXPOSE 8000
