@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from model import tasks
+from model.engine import PromptTooLong
 from training import metrics
 from training.common import (
     TrainingError,
@@ -127,20 +128,31 @@ def eval_perplexity(engine: Any, tokenizer: Any, path: str, limit: int, window: 
     return {"windows": len(windows), "tokens": n, "nll": nll / max(n, 1), "perplexity": math.exp(nll / max(n, 1))}
 
 
+def _fitting(engine: Any, prompts: list[list[int]], recs: list[dict[str, Any]], max_new: int
+             ) -> tuple[list[list[int]], list[dict[str, Any]], int]:
+    """Drop examples whose prompt + generation budget exceed the engine's max_model_len (counted)."""
+    limit = engine.config.max_model_len
+    keep = [i for i, p in enumerate(prompts) if len(p) + max_new <= limit]
+    return [prompts[i] for i in keep], [recs[i] for i in keep], len(prompts) - len(keep)
+
+
 def eval_summarize(engine: Any, tokenizer: Any, path: str, limit: int, max_new: int) -> dict[str, Any]:
     recs = _records(path, limit)
-    preds = _greedy(engine, tokenizer, [_prompt(tokenizer, tasks.summarize_messages(r["document"])) for r in recs], max_new)
+    prompts = [_prompt(tokenizer, tasks.summarize_messages(r["document"])) for r in recs]
+    prompts, recs, skipped = _fitting(engine, prompts, recs, max_new)
+    preds = _greedy(engine, tokenizer, prompts, max_new)
     refs = [r.get("references") or [r["summary"]] for r in recs]
-    return {"examples": len(recs), **metrics.rouge(preds, refs),
+    return {"examples": len(recs), "skipped_too_long": skipped, **metrics.rouge(preds, refs),
             "samples": [{"prediction": p, "reference": r[0]} for p, r in zip(preds[:3], refs[:3], strict=True)]}
 
 
 def eval_translate(engine: Any, tokenizer: Any, path: str, limit: int, max_new: int) -> dict[str, Any]:
     recs = _records(path, limit)
     prompts = [_prompt(tokenizer, tasks.translate_messages(r["src"], r["tgt_lang"], r.get("src_lang"))) for r in recs]
+    prompts, recs, skipped = _fitting(engine, prompts, recs, max_new)
     preds = _greedy(engine, tokenizer, prompts, max_new)
     target = recs[0]["tgt_lang"] if recs else "en"
-    return {"examples": len(recs), "target_lang": target, **metrics.bleu_chrf(preds, [r["tgt"] for r in recs], target),
+    return {"examples": len(recs), "skipped_too_long": skipped, "target_lang": target, **metrics.bleu_chrf(preds, [r["tgt"] for r in recs], target),
             "samples": [{"source": r["src"], "prediction": p, "reference": r["tgt"]}
                         for r, p in zip(recs[:3], preds[:3], strict=True)]}
 
@@ -183,6 +195,9 @@ def classify_one(engine: Any, tokenizer: Any, text: str, labels: list[str],
     label and the per-label log-likelihoods."""
     prompt = _prompt(tokenizer, tasks.classify_messages(text, labels))
     conts = [tokenizer.encode(tasks.classify_answer(lab)) + [tokenizer.im_end_id] for lab in labels]
+    longest = len(prompt) + max(len(c) for c in conts)
+    if longest > engine.config.max_model_len:
+        raise PromptTooLong(longest, engine.config.max_model_len + 1)
     scores = engine.score(prompt, conts) if scorer == "engine" else prefix_score(engine.model, prompt, conts)
     best = max(range(len(labels)), key=lambda i: scores[i])
     return labels[best], scores
@@ -193,12 +208,17 @@ def eval_classify(engine: Any, tokenizer: Any, path: str, limit: int, labels: li
     recs = _records(path, limit, seed)
     rng = random.Random(seed)
     gold, pred = [], []
+    skipped = 0
     for r in recs:
         cands = candidate_labels(str(r["label"]), labels, candidates, rng)
-        p, _ = classify_one(engine, tokenizer, r["text"], cands, scorer)
+        try:
+            p, _ = classify_one(engine, tokenizer, r["text"], cands, scorer)
+        except PromptTooLong:
+            skipped += 1
+            continue
         gold.append(str(r["label"]))
         pred.append(p)
-    return {"examples": len(recs), "labels": len(labels),
+    return {"examples": len(gold), "skipped_too_long": skipped, "labels": len(labels),
             "candidates_per_example": candidates if 0 < candidates < len(labels) else len(labels),
             "accuracy": metrics.accuracy(gold, pred), "macro_f1": metrics.macro_f1(gold, pred)}
 
