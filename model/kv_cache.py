@@ -58,7 +58,8 @@ class CacheBatch:
     write_positions: torch.Tensor  # (N,) position of every packed token
     decode_index: torch.Tensor | None  # (Bd,) packed indices of one-token sequences
     decode_slots: torch.Tensor | None  # (Bd,)
-    decode_mask: torch.Tensor | None  # (Bd, 1, 1, L) True where a key is visible
+    decode_mask: torch.Tensor | None  # (Bd, 1, 1, L) True where a key is visible; None if all see L keys
+    decode_len: int  # L: the longest decode sequence, keys read per decode query
     decode_contiguous: bool  # decode slots are 0..Bd-1 in order: read the cache without a gather
     prefills: list[PrefillGroup]
 
@@ -85,17 +86,19 @@ class CacheBatch:
                 prefills.append(PrefillGroup(offset, length, slot, start, mask))
             offset += length
         d_index = d_slots = d_mask = None
+        decode_len = 0
         if decode_index:
-            longest = max(decode_lens)
+            longest = decode_len = max(decode_lens)
             d_index = torch.tensor(decode_index, device=device)
             d_slots = torch.tensor(decode_slots, device=device)
-            lens = torch.tensor(decode_lens, device=device)
-            d_mask = (torch.arange(longest, device=device)[None, :] < lens[:, None])[:, None, None, :]
+            if min(decode_lens) < longest:  # equal lengths (always so for one sequence) need no mask
+                lens = torch.tensor(decode_lens, device=device)
+                d_mask = (torch.arange(longest, device=device)[None, :] < lens[:, None])[:, None, None, :]
         return cls(
             cache=cache,
             write_slots=torch.tensor(write_slots, device=device),
             write_positions=torch.tensor(write_positions, device=device),
-            decode_index=d_index, decode_slots=d_slots, decode_mask=d_mask,
+            decode_index=d_index, decode_slots=d_slots, decode_mask=d_mask, decode_len=decode_len,
             decode_contiguous=decode_slots == list(range(len(decode_slots))),
             prefills=prefills,
         )
@@ -107,7 +110,7 @@ class CacheBatch:
         v_cache[self.write_slots, :, self.write_positions] = v[0]
         out = torch.empty_like(q) if self.prefills else q
         if self.decode_index is not None:
-            longest = self.decode_mask.shape[-1]
+            longest = self.decode_len
             if self.decode_contiguous:
                 n = self.decode_index.numel()
                 kd, vd = k_cache[:n, :, :longest], v_cache[:n, :, :longest]
