@@ -209,7 +209,7 @@ def test_kv_cache_size_is_checked_up_front(model):
 def test_score_matches_oracle_log_likelihood(model, prompts):
     engine = make_engine(model)
     prompt = prompts[4][:40]
-    conts = [[1, 2, 3], [7], prompts[5]]
+    conts = [[1, 2, 3], [7], prompts[5]] + [[i, i + 1] for i in range(18)]  # 21: two packed groups
     scores = engine.score(prompt, conts)
     with torch.inference_mode():
         for cont, got in zip(conts, scores, strict=True):

@@ -62,19 +62,13 @@ class EvaluateConfig:
     max_num_seqs: int = field(8, help="engine: sequences decoded together")
     max_model_len: int = field(2048, help="engine: prompt + output tokens per sequence")
     seed: int = field(0, help="seed for sampling the evaluated examples and the label candidates")
-    scorer: str = field("engine", help="classification scoring: engine (LLMEngine.score) or prefix "
-                        "(same numbers, shared prompt computed once: faster on CPU)")
     device: str = field("auto", help="auto, cpu, cuda")
     threads: int = field(0, help="CPU threads for torch (0 = torch default)")
-
-    def __post_init__(self) -> None:
-        if self.scorer not in ("engine", "prefix"):
-            raise ValueError("scorer must be engine or prefix")
 
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(limit=4, max_new_tokens=8, ppl_window=32, max_num_seqs=4, max_model_len=512, threads=1),
-    "cpu-demo": dict(classify=f"{SHARED}/banking77/test.jsonl", classify_candidates=10, limit=200, scorer="prefix",
+    "cpu-demo": dict(classify=f"{SHARED}/banking77/test.jsonl", classify_candidates=10, limit=200,
                      summarize=f"{SHARED}/dialogsum/test.jsonl", translate=f"{SHARED}/tatoeba_en_zh/test.jsonl",
                      perplexity=f"{SHARED}/en_public_domain_text/validation.jsonl", max_new_tokens=48,
                      threads=1),
@@ -158,39 +152,7 @@ def eval_translate(engine: Any, tokenizer: Any, path: str, limit: int, max_new: 
 
 
 @torch.inference_mode()
-def prefix_score(model: Any, prompt_ids: list[int], continuations: list[list[int]]) -> list[float]:
-    """Same numbers as `engine.score` (sum log p(continuation | prompt)), but the shared prompt runs
-    once: its K/V are copied into one cache slot per continuation, then all continuations run packed
-    in one forward. With 10 labels of ~8 tokens after a ~150-token prompt that is ~7x less compute.
-    TODO(engine): this belongs in LLMEngine.score; kept here until the engine shares prefixes."""
-    from model.kv_cache import KVCache
-
-    dev = model.device
-    P, K = len(prompt_ids), len(continuations)
-    cache = KVCache(model.config, K, P + max(len(c) for c in continuations), model.dtype, dev)
-    tokens = torch.tensor([prompt_ids], device=dev)  # (1, P)
-    last = model(tokens, torch.arange(P, device=dev)[None], kv_cache=cache.batch([0], [0], [P]),
-                 logits_index=torch.tensor([P - 1], device=dev)).float().log_softmax(-1)[0]  # (V,)
-    cache.k[:, 1:, :, :P] = cache.k[:, :1, :, :P]
-    cache.v[:, 1:, :, :P] = cache.v[:, :1, :, :P]
-    scores = [float(last[c[0]]) for c in continuations]
-    rest = [(i, c) for i, c in enumerate(continuations) if len(c) > 1]
-    if rest:
-        feed = [t for _, c in rest for t in c[:-1]]
-        pos = [P + j for _, c in rest for j in range(len(c) - 1)]
-        batch = cache.batch([i for i, _ in rest], [P] * len(rest), [len(c) - 1 for _, c in rest])
-        logp = model(torch.tensor([feed], device=dev), torch.tensor([pos], device=dev),
-                     kv_cache=batch).float().log_softmax(-1)[0]  # (N, V)
-        k = 0
-        for i, c in rest:
-            for t in c[1:]:
-                scores[i] += float(logp[k, t])
-                k += 1
-    return scores
-
-
-def classify_one(engine: Any, tokenizer: Any, text: str, labels: list[str],
-                 scorer: str = "engine") -> tuple[str, list[float]]:
+def classify_one(engine: Any, tokenizer: Any, text: str, labels: list[str]) -> tuple[str, list[float]]:
     """The /classify ranking: each label's answer scored as the assistant reply; returns the best
     label and the per-label log-likelihoods."""
     prompt = _prompt(tokenizer, tasks.classify_messages(text, labels))
@@ -198,13 +160,13 @@ def classify_one(engine: Any, tokenizer: Any, text: str, labels: list[str],
     longest = len(prompt) + max(len(c) for c in conts)
     if longest > engine.config.max_model_len:
         raise PromptTooLong(longest, engine.config.max_model_len + 1)
-    scores = engine.score(prompt, conts) if scorer == "engine" else prefix_score(engine.model, prompt, conts)
+    scores = engine.score(prompt, conts)
     best = max(range(len(labels)), key=lambda i: scores[i])
     return labels[best], scores
 
 
 def eval_classify(engine: Any, tokenizer: Any, path: str, limit: int, labels: list[str], candidates: int,
-                  seed: int, scorer: str = "engine") -> dict[str, Any]:
+                  seed: int) -> dict[str, Any]:
     recs = _records(path, limit, seed)
     rng = random.Random(seed)
     gold, pred = [], []
@@ -212,7 +174,7 @@ def eval_classify(engine: Any, tokenizer: Any, path: str, limit: int, labels: li
     for r in recs:
         cands = candidate_labels(str(r["label"]), labels, candidates, rng)
         try:
-            p, _ = classify_one(engine, tokenizer, r["text"], cands, scorer)
+            p, _ = classify_one(engine, tokenizer, r["text"], cands)
         except PromptTooLong:
             skipped += 1
             continue
@@ -289,7 +251,7 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
     if cfg.classify:
         labels = classification_labels(cfg, ckpt.meta)
         results["classify"] = eval_classify(engine, tok, cfg.classify, cfg.limit, labels, cfg.classify_candidates,
-                                            cfg.seed, cfg.scorer)
+                                            cfg.seed)
         r = results["classify"]
         print(f"classify: accuracy {r['accuracy']:.4f}  macro-F1 {r['macro_f1']:.4f} over {r['examples']} examples, "
               f"{r['candidates_per_example']} candidate labels each")

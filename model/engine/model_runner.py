@@ -76,38 +76,33 @@ class ModelRunner:
         return out
 
     @torch.inference_mode()
-    def score(self, prompt_ids: list[int], continuations: list[list[int]], max_rows_tokens: int = 4096
-              ) -> list[float]:
-        """Sum of log p(continuation | prompt) for each continuation, batched without the cache:
-        rows prompt+continuation are right-padded (padding only follows the scored tokens, so causal
-        attention never lets it change them)."""
-        scores: list[float] = []
-        i = 0
-        while i < len(continuations):
-            rows: list[list[int]] = []
-            width = 0
-            while i < len(continuations):
-                row = prompt_ids + continuations[i]
-                if rows and max(width, len(row)) * (len(rows) + 1) > max_rows_tokens:
-                    break
-                rows.append(row)
-                width = max(width, len(row))
-                i += 1
-            tokens = torch.tensor([r + [0] * (width - len(r)) for r in rows], device=self.device)
-            # logits only at the positions that predict a continuation token: (K, V)
-            index, targets, owners = [], [], []
-            for r, row in enumerate(rows):
-                for pos in range(len(prompt_ids) - 1, len(row) - 1):
-                    index.append(r * width + pos)
-                    targets.append(row[pos + 1])
-                    owners.append(r)
-            row_scores = [0.0] * len(rows)
-            if index:
-                logits = self.model(tokens, logits_index=torch.tensor(index, device=self.device)).float()
-                picked = torch.log_softmax(logits, dim=-1).gather(
-                    1, torch.tensor(targets, device=self.device)[:, None])[:, 0]
-                per_row = torch.zeros(len(rows), dtype=torch.float64, device=self.device)
-                per_row.index_add_(0, torch.tensor(owners, device=self.device), picked.double())
-                row_scores = per_row.tolist()
-            scores += row_scores
+    def score(self, prompt_ids: list[int], continuations: list[list[int]], group: int = 16) -> list[float]:
+        """Sum of log p(continuation | prompt) for each continuation. The prompt runs once; its K/V are
+        copied into one scratch-cache row per continuation, and the continuations run packed in one
+        forward per group (a scratch cache, so scoring never takes a serving slot)."""
+        P = len(prompt_ids)
+        width = P + max(len(c) for c in continuations)
+        rows = min(group, len(continuations))
+        cache = KVCache(self.model.config, rows, width, dtype=self.model.dtype, device=self.device)
+        first = self.model(torch.tensor([prompt_ids], device=self.device), torch.arange(P, device=self.device)[None],
+                           kv_cache=cache.batch([0], [0], [P]),
+                           logits_index=torch.tensor([P - 1], device=self.device)).float().log_softmax(-1)[0]  # (V,)
+        cache.k[:, 1:, :, :P] = cache.k[:, :1, :, :P]
+        cache.v[:, 1:, :, :P] = cache.v[:, :1, :, :P]
+        scores = [float(first[c[0]]) for c in continuations]
+        for g in range(0, len(continuations), rows):
+            rest = [(i, c) for i, c in enumerate(continuations[g:g + rows]) if len(c) > 1]
+            if not rest:
+                continue
+            feed = [t for _, c in rest for t in c[:-1]]
+            positions = [P + j for _, c in rest for j in range(len(c) - 1)]
+            batch = cache.batch([i for i, _ in rest], [P] * len(rest), [len(c) - 1 for _, c in rest])
+            logp = self.model(torch.tensor([feed], device=self.device), torch.tensor([positions], device=self.device),
+                              kv_cache=batch).float().log_softmax(-1)[0]  # (N, V)
+            targets = torch.tensor([t for _, c in rest for t in c[1:]], device=self.device)
+            picked = logp.gather(1, targets[:, None])[:, 0].tolist()
+            k = 0
+            for i, c in rest:
+                scores[g + i] += sum(picked[k:k + len(c) - 1])
+                k += len(c) - 1
         return scores
