@@ -10,6 +10,8 @@
 # in the /data volume (SEEDLING_HOME) and every setting is a SEEDLING_* environment variable.
 
 ARG BASE_IMAGE=debian:bookworm-slim
+# the runtime stage's base (default: the same); its / must be world-traversable (mode 0755)
+ARG RUNTIME_IMAGE=${BASE_IMAGE}
 
 # ---- build: a virtual environment in /opt/venv, made by .ci/setup.sh ---------------------------
 FROM ${BASE_IMAGE} AS build
@@ -45,7 +47,7 @@ RUN .ci/setup.sh && rm -rf ./*.egg-info/ .ci/ \
     && find /opt/venv /opt/seedling -name __pycache__ -prune -exec rm -rf {} +
 
 # ---- runtime: python3, the venv and the code; runs as a non-root user -------------------------
-FROM ${BASE_IMAGE} AS runtime
+FROM ${RUNTIME_IMAGE} AS runtime
 # Metadata first and the big layer (venv + code) last: each later instruction would otherwise
 # snapshot the whole image again on storage drivers without copy-on-write (vfs).
 # Settings: SEEDLING_* variables (README "Configuration"); only the container-specific ones here.
@@ -60,8 +62,6 @@ ENV DEBIAN_FRONTEND=noninteractive \
     SEEDLING_PORT=8000 \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
-# `chmod 0755 /`: a base made with debootstrap in a `mktemp -d` root (0700) locks the
-# non-root user out of everything; official images already have 0755.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 ca-certificates \
@@ -69,8 +69,7 @@ RUN apt-get update \
     && useradd --uid 10001 --user-group --no-log-init --create-home --home-dir /home/seedling \
        --shell /usr/sbin/nologin seedling \
     && mkdir -p /data \
-    && chown seedling:seedling /data \
-    && chmod 0755 /
+    && chown seedling:seedling /data
 WORKDIR /data
 VOLUME ["/data"]
 EXPOSE 8000
