@@ -25,12 +25,16 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (M, in)
-        if x2.device.type == "cpu" or x2.dtype in (torch.bfloat16, torch.float16):
+        if x2.device.type == "cpu":
+            # ATen's CPU int8 kernel is fast for bf16 inputs and ~30x slower for fp32 ones (measured in
+            # bench/README.md), so fp32 activations take a bf16 round trip through it
+            out = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight,
+                                                     self.scales.to(torch.bfloat16)).to(x2.dtype)
+        elif x2.dtype in (torch.bfloat16, torch.float16):
             out = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales.to(x2.dtype))
         else:  # fp32 on an accelerator: dequantize on the fly
             out = F.linear(x2, self.weight.to(x2.dtype)) * self.scales.to(x2.dtype)
         return out.reshape(*shape[:-1], self.out_features)
-
 
 def quantize_int8(model: Transformer) -> Transformer:
     """Replace every projection and the output head by Int8Linear (the embedding stays as is:
