@@ -255,7 +255,7 @@ def test_engine_on_smollm2_matches_transformers_greedy(smollm2_checkpoint, quant
     for case, out in zip(ref["prompts"], outs, strict=True):
         if quantize is None or case["id"] in ("greeting", "classify", "factual"):
             assert out.token_ids == case["hf_fp32_ids"], case["id"]
-            assert out.text_delta == case["hf_fp32_text"]
+            assert out.text == case["hf_fp32_text"]
 
 
 def test_never_samples_ids_the_tokenizer_lacks(tiny_checkpoint):

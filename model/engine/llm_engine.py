@@ -181,9 +181,10 @@ class LLMEngine:
     def _output(self, seq: Sequence, new_ids: list[int], delta: str, stop_reason: str | int | None
                 ) -> RequestOutput:
         logprobs = seq.logprobs[-len(new_ids):] if seq.params.logprobs is not None and new_ids else None
+        seq.text += delta
         return RequestOutput(
             request_id=seq.request_id, new_token_ids=new_ids, text_delta=delta,
-            token_ids=list(seq.output_ids), finished=seq.status is SequenceStatus.FINISHED,
+            token_ids=list(seq.output_ids), text=seq.text, finished=seq.status is SequenceStatus.FINISHED,
             finish_reason=seq.finish_reason, prompt_tokens=len(seq.prompt_ids),
             completion_tokens=len(seq.output_ids), cached_tokens=seq.num_cached_prompt,
             logprobs=logprobs, stop_reason=stop_reason,
@@ -193,22 +194,17 @@ class LLMEngine:
     # ------------------------------------------------------------------------------ offline
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
                  ) -> list[RequestOutput]:
-        """Run prompts to completion; returns each one's final output (text = full text)."""
+        """Run prompts to completion; returns each one's final output (`.text` is the whole text)."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
         ids = [f"generate-{id(self)}-{i}" for i in range(len(prompts))]
         for rid, prompt, p in zip(ids, prompts, plist, strict=True):
             self.add_request(rid, prompt, p)
+        ids_set = set(ids)
         final: dict[str, RequestOutput] = {}
-        texts: dict[str, str] = dict.fromkeys(ids, "")
         while self.has_unfinished():
             for out in self.step():
-                if out.request_id not in texts:  # a request added through add_request
-                    continue
-                texts[out.request_id] += out.text_delta
-                if out.finished:
+                if out.finished and out.request_id in ids_set:
                     final[out.request_id] = out
-        for rid in ids:
-            final[rid].text_delta = texts[rid]
         return [final[rid] for rid in ids]
 
     def score(self, prompt_ids: list[int], continuations: list[list[int]]) -> list[float]:

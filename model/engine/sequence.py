@@ -44,6 +44,7 @@ class Sequence:
     generator: torch.Generator | None
     detokenizer: IncrementalDetokenizer | None
     output_ids: list[int] = field(default_factory=list)
+    text: str = ""  # output text emitted so far (the sum of the text deltas)
     status: SequenceStatus = SequenceStatus.WAITING
     slot: int | None = None
     num_computed: int = 0  # tokens whose K/V are in the cache
@@ -84,6 +85,7 @@ class RequestOutput:
     new_token_ids: list[int]
     text_delta: str  # new text, always whole UTF-8 characters, stop strings held back
     token_ids: list[int]  # every output id so far
+    text: str  # every output text delta so far, joined
     finished: bool
     finish_reason: FinishReason | None
     prompt_tokens: int
