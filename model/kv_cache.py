@@ -36,6 +36,13 @@ class KVCache:
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
+    def copy_prefix(self, src: int, dst: int | slice, length: int) -> None:
+        """Copy the K/V of positions [0, length) of row `src` into row(s) `dst` (a shared prompt prefix)."""
+        if isinstance(dst, int):
+            dst = slice(dst, dst + 1)
+        self.k[:, dst, :, :length] = self.k[:, src:src + 1, :, :length]
+        self.v[:, dst, :, :length] = self.v[:, src:src + 1, :, :length]
+
     def batch(self, slots: list[int], starts: list[int], lengths: list[int]) -> CacheBatch:
         """Describe one packed forward: sequence i has `lengths[i]` new tokens at positions
         `starts[i]...`, stored in cache row `slots[i]`; tokens are packed in that order."""
@@ -108,7 +115,7 @@ class CacheBatch:
         k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]  # (S, Hkv, L, hd)
         k_cache[self.write_slots, :, self.write_positions] = k[0]
         v_cache[self.write_slots, :, self.write_positions] = v[0]
-        out = torch.empty_like(q) if self.prefills else q
+        out = torch.empty_like(q) if self.prefills else q  # a pure decode step returns its own tensor
         if self.decode_index is not None:
             longest = self.decode_len
             if self.decode_contiguous:

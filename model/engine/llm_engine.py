@@ -146,7 +146,7 @@ class LLMEngine:
             return []
         for allocation in plan.admitted:
             if allocation.copy_from is not None:
-                self.runner.copy_prefix(allocation.copy_from, allocation.slot, allocation.cached_tokens)
+                self.runner.cache.copy_prefix(allocation.copy_from, allocation.slot, allocation.cached_tokens)
         sampled = iter(self.runner.execute(plan.chunks))
         outputs = []
         for chunk in plan.chunks:

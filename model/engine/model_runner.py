@@ -21,11 +21,6 @@ class ModelRunner:
         self.valid_vocab = valid_vocab if valid_vocab and valid_vocab < model.config.vocab_size else None
         self.cache = KVCache(model.config, n_slots, max_seq_len, dtype=model.dtype, device=self.device)
 
-    def copy_prefix(self, src: int, dst: int, length: int) -> None:
-        """Reuse another slot's K/V for a shared prompt prefix."""
-        self.cache.k[:, dst, :, :length] = self.cache.k[:, src, :, :length]
-        self.cache.v[:, dst, :, :length] = self.cache.v[:, src, :, :length]
-
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk]) -> list[int]:
         """Run one forward over every chunk; return the sampled token for each chunk with
@@ -87,8 +82,7 @@ class ModelRunner:
         first = self.model(torch.tensor([prompt_ids], device=self.device), torch.arange(P, device=self.device)[None],
                            kv_cache=cache.batch([0], [0], [P]),
                            logits_index=torch.tensor([P - 1], device=self.device)).float().log_softmax(-1)[0]  # (V,)
-        cache.k[:, 1:, :, :P] = cache.k[:, :1, :, :P]
-        cache.v[:, 1:, :, :P] = cache.v[:, :1, :, :P]
+        cache.copy_prefix(0, slice(1, None), P)
         scores = [float(first[c[0]]) for c in continuations]
         for g in range(0, len(continuations), rows):
             rest = [(i, c) for i, c in enumerate(continuations[g:g + rows]) if len(c) > 1]
