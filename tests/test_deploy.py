@@ -184,6 +184,20 @@ def test_host_network_override() -> None:
         assert all("networks" not in s for s in doc["services"].values())
 
 
+def test_host_override_commands_use_compose_v2() -> None:
+    """The override keeps the base file's `ports:`; docker-compose 1.29 (v1) refuses those with
+    network_mode: host ("host" network_mode is incompatible with port_bindings), Compose v2 drops
+    them. So every documented command with the override must be `docker compose`, never v1's."""
+    assert any(str(p).startswith("${API_PORT") for p in _compose()["services"]["api"]["ports"])
+    v2_lines = 0
+    for path in (README, COMPOSE, HOST_OVERRIDE):
+        for line in path.read_text().splitlines():
+            if "compose.host.yml" in line and re.search(r"\s-f\s", line):
+                assert not re.search(r"\bdocker-compose\s+(-f|--file)\b", line), f"v1 command in {path.name}: {line}"
+                v2_lines += bool(re.search(r"\bdocker compose -f docker-compose\.yml -f \.ci/compose\.host\.yml\b", line))
+    assert v2_lines >= 3, "README and the override document the v2 command"
+
+
 # ---------------------------------------------------------------------------- README names exist
 def _readme_shell_commands() -> list[str]:
     """Each command in README's shell code blocks and inline code spans, one string per command."""
