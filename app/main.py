@@ -81,7 +81,7 @@ def load_model(settings: ServerSettings) -> Loaded:
     config = EngineConfig(max_num_seqs=settings.max_num_seqs, max_model_len=max_model_len,
                           max_num_batched_tokens=max(settings.max_num_batched_tokens, settings.max_num_seqs),
                           prefill_chunk=settings.prefill_chunk, enable_prefix_caching=settings.prefix_caching)
-    model = optimize_for_inference(ckpt.model, quantize=None if settings.quantize == "none" else settings.quantize)
+    model = optimize_for_inference(ckpt.model, quantize=settings.quantize, tokenizer=ckpt.tokenizer)
     engine = LLMEngine(model, ckpt.tokenizer, config)
     name = settings.model_name or str(ckpt.meta.get("name") or Path(path).resolve().name)
     log.info("loaded %s from %s on %s (%s), max_model_len %d", name, path, device, dtype_name, max_model_len)

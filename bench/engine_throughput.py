@@ -1,9 +1,10 @@
 """Offline engine throughput (no HTTP) on the default SmolLM2 checkpoint, with its baselines measured
 in the same run: the oracle `model.generate` (one request at a time) and Hugging Face transformers'
-`generate` with a static, left-padded batch of the same size and dtype.
+`generate` with a static, left-padded batch of the same size (same dtype unless `--hf-dtype`).
 
     python -m bench.engine_throughput                       # fp32, C = 1,4,16,64
     python -m bench.engine_throughput --dtype bfloat16 --quantize int8 --concurrency 1,16
+    python -m bench.engine_throughput --quantize w8a8 --hf-dtype bfloat16 --concurrency 16 --no-oracle
 
 Workload: the 16 load prompts (bench/workload.py) through the chat template, 128 greedy new tokens
 each (EOS ignored, so every request decodes exactly 128). Closed loop: C requests in flight, each
@@ -22,7 +23,7 @@ from model.checkpoint import load_checkpoint
 from model.convert import ensure_default_model
 from model.engine import EngineConfig, LLMEngine
 from model.generate import generate
-from model.quantize import optimize_for_inference
+from model.quantize import QUANTIZATIONS, optimize_for_inference
 from model.sampling import SamplingParams
 from model.tokenizer import render_chat
 
@@ -86,10 +87,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default=None, help="checkpoint dir (default: the SmolLM2 default model)")
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    ap.add_argument("--quantize", default=None, choices=["int8"], help="int8 weight-only (ours only)")
+    ap.add_argument("--quantize", default=None, choices=QUANTIZATIONS, help="ours only; see model/quantize.py")
     ap.add_argument("--concurrency", default="1,4,16,64")
     ap.add_argument("--requests-per-slot", type=int, default=2, help="R: C x R requests per level")
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--hf-dtype", default=None, choices=sorted(DTYPES),
+                    help="transformers' dtype (default: --dtype); bf16 is its faster one on CPU")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     ap.add_argument("--no-oracle", action="store_true", help="skip the oracle baseline")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
@@ -104,7 +107,8 @@ def main() -> None:
     prompts = [render_chat(tok, m).ids for m in messages]
     texts = [tok.decode(p, skip_special=False) for p in prompts]
     levels = [int(c) for c in a.concurrency.split(",")]
-    print(f"# engine throughput: {path}, {a.dtype}{', ' + a.quantize if a.quantize else ''}, "
+    print(f"# engine throughput: {path}, {a.dtype}{', ' + a.quantize if a.quantize else ''} "
+          f"(transformers {a.hf_dtype or a.dtype}), "
           f"{torch.get_num_threads()} threads, {a.new_tokens} new tokens, prompts "
           f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens")
 
@@ -113,7 +117,7 @@ def main() -> None:
         oracle = run_oracle(ckpt.model, prompts[0], a.new_tokens)
         print(f"oracle generate (1 request, no cache): {oracle['agg']:.1f} tok/s")
 
-    model = optimize_for_inference(ckpt.model, quantize=a.quantize)
+    model = optimize_for_inference(ckpt.model, quantize=a.quantize, tokenizer=tok)
     rows = []
     for c in levels:
         engine = LLMEngine(model, tok, EngineConfig(max_num_seqs=c, max_model_len=512,
@@ -121,7 +125,7 @@ def main() -> None:
                                                     enable_prefix_caching=False))
         run_engine(engine, prompts, c, c, 4)  # warm-up
         ours = run_engine(engine, prompts, c, c * a.requests_per_slot, a.new_tokens)
-        hf = None if a.no_hf else run_hf(path, dtype, texts, c, a.new_tokens)
+        hf = None if a.no_hf else run_hf(path, DTYPES[a.hf_dtype or a.dtype], texts, c, a.new_tokens)
         rows.append((c, ours, hf))
         print(f"C={c}: ours {ours['agg']:.1f} tok/s" + (f", transformers {hf['agg']:.1f} tok/s" if hf else ""),
               flush=True)

@@ -22,12 +22,13 @@ from bench.workload import LOAD_PROMPTS
 from model.checkpoint import load_checkpoint
 from model.convert import ensure_default_model
 from model.engine import EngineConfig, LLMEngine
-from model.quantize import optimize_for_inference
+from model.quantize import QUANTIZATIONS, optimize_for_inference
 from model.sampling import SamplingParams
 from model.tokenizer import render_chat
 
 CATEGORIES = [
-    ("matmul (projections + output head)", ("mm", "addmm", "linear", "matmul", "_weight_int8pack_mm", "bmm")),
+    ("matmul (projections + output head)", ("mm", "addmm", "linear", "matmul", "_weight_int8pack_mm", "bmm",
+                                            "linear_dynamic")),
     ("attention (SDPA)", ("scaled_dot_product", "_flash_attention", "_scaled_dot")),
     ("KV-cache write / gather", ("index_put", "index_select", "index")),
     ("element-wise (norm, rotary, SiLU, residual)", ("rms_norm", "mul", "add", "cat", "neg", "silu", "pow",
@@ -37,7 +38,7 @@ CATEGORIES = [
 
 
 def category(name: str) -> str:
-    op = name.removeprefix("aten::")
+    op = name.removeprefix("aten::").removeprefix("quantized::")
     for label, keys in CATEGORIES:
         if any(op == k or op.startswith(k) for k in keys):
             return label
@@ -60,12 +61,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--quantize", default=None, choices=["int8"])
+    ap.add_argument("--quantize", default=None, choices=QUANTIZATIONS)
     ap.add_argument("--concurrency", default="1,16")
     ap.add_argument("--steps", type=int, default=20)
     a = ap.parse_args()
     ckpt = load_checkpoint(a.checkpoint or ensure_default_model(), dtype=getattr(torch, a.dtype))
-    model = optimize_for_inference(ckpt.model, quantize=a.quantize)
+    model = optimize_for_inference(ckpt.model, quantize=a.quantize, tokenizer=ckpt.tokenizer)
     print(f"# decode-step profile: {a.dtype}{', ' + a.quantize if a.quantize else ''}, "
           f"{torch.get_num_threads()} threads, {a.steps} steps")
     for c in [int(x) for x in a.concurrency.split(",")]:
@@ -82,7 +83,7 @@ def main() -> None:
         buckets: dict[str, float] = defaultdict(float)
         n_ops = 0
         for evt in prof.key_averages():
-            if evt.key.startswith("aten::"):
+            if evt.key.startswith(("aten::", "quantized::")):
                 buckets[category(evt.key)] += evt.self_cpu_time_total / 1e6 / a.steps
                 n_ops += evt.count
         torch_total = sum(buckets.values())

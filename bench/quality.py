@@ -1,4 +1,4 @@
-"""Quality cost of the serving options (int8 weights, bf16) against fp32 on the same checkpoint:
+"""Quality cost of the serving options (int8 weights, int8 weights + activations, bf16) against fp32 on the same checkpoint:
 perplexity on fixed text (target: within 2 % of fp32) and greedy agreement on the 5 reference prompts.
 
     python -m bench.quality                                     # fp32 vs int8 vs bf16 vs bf16+int8
@@ -21,7 +21,7 @@ import torch
 from model.checkpoint import load_checkpoint
 from model.convert import ensure_default_model
 from model.engine import EngineConfig, LLMEngine
-from model.quantize import optimize_for_inference
+from model.quantize import QUANTIZATIONS, optimize_for_inference
 from model.sampling import SamplingParams
 
 HERE = Path(__file__).resolve().parent
@@ -67,7 +67,7 @@ def main() -> None:
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--text", default=str(DEFAULT_TEXT), help="text or JSONL file for perplexity")
     ap.add_argument("--max-tokens", type=int, default=4096, help="tokens of text to score")
-    ap.add_argument("--variants", default="fp32,int8,bf16,bf16+int8")
+    ap.add_argument("--variants", default="fp32,int8,w8a8,bf16,bf16+int8")
     a = ap.parse_args()
     path = a.checkpoint or ensure_default_model()
     base = load_checkpoint(path, dtype=torch.float32)
@@ -81,7 +81,8 @@ def main() -> None:
         model = copy.deepcopy(base.model)
         if variant.startswith("bf16"):
             model = model.to(torch.bfloat16)
-        model = optimize_for_inference(model, quantize="int8" if variant.endswith("int8") else None)
+        mode = variant.split("+")[-1]
+        model = optimize_for_inference(model, quantize=mode if mode in QUANTIZATIONS else None, tokenizer=tok)
         results[variant] = (perplexity(model, ids), greedy_outputs(model, tok, prompts))
         print(f"{variant}: perplexity {results[variant][0]:.3f}", flush=True)
     ppl0, out0 = results["fp32"] if "fp32" in results else next(iter(results.values()))

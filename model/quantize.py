@@ -1,15 +1,23 @@
-"""Int8 weight-only quantization (as gpt-fast does): per-output-channel symmetric int8 weights with
-a scale per row; activations stay in the model's dtype. Decoding a small model on a CPU is bound by
-reading weights, so a quarter of the bytes of fp32 buys speed; the quality cost is measured by
-`bench/quality.py` (perplexity and greedy agreement against the unquantized model).
+"""Serving-time quantization of the projections and the output head; the quality cost of each mode is
+measured by `bench/quality.py` (perplexity and greedy agreement against the unquantized model).
+
+* `int8` — weight-only (as gpt-fast does): per-output-channel symmetric int8 weights, activations stay
+  in the model's dtype. A quarter of fp32's weight bytes; works on every device.
+* `w8a8` — int8 weights *and* int8 activations, quantized on the fly at every call (fbgemm's dynamic
+  linear; x86 CPUs). This is what llama.cpp does for its quantized dot products (Q8 activations), and
+  it is what makes a 2-core CPU fast at batch > 1: int8 multiply-adds (AVX2 `vpmaddubsw`) do twice the
+  work per instruction of fp32 FMAs, and at batch 1 it still reads a quarter of the bytes.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.tokenizer import Tokenizer
 from model.transformer import Transformer
 
 
@@ -36,9 +44,129 @@ class Int8Linear(nn.Module):
             out = F.linear(x2, self.weight.to(x2.dtype)) * self.scales.to(x2.dtype)
         return out.reshape(*shape[:-1], self.out_features)
 
+
+class W8A8Linear(nn.Module):
+    """int8 weights (per output channel) times int8 activations quantized at every call (fbgemm's
+    dynamic linear), fp32 in and out.
+
+    Two details keep the quality (measured by `bench/quality.py`):
+    * fbgemm picks one activation scale per call, so one token with a huge activation would crush
+      every other row of a batch; each row is divided by its own absmax first and multiplied back
+      after (the layer is linear), which makes the result per-token and independent of the batch;
+    * AVX2's `vpmaddubsw` adds pairs of uint8 x int8 products into a saturating int16, so weights use
+      7 bits (|q| <= 63) and activations keep all 8: 2 x 255 x 63 < 32767, nothing saturates.
+    """
+
+    WEIGHT_MAX = 63
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        w = weight.detach().float().cpu()
+        scales = w.abs().amax(dim=1).clamp(min=1e-8) / self.WEIGHT_MAX
+        with warnings.catch_warnings():  # torch marks quantized tensors as deprecated; the kernel is not
+            warnings.simplefilter("ignore")
+            qweight = torch.quantize_per_channel(w, scales.double(), torch.zeros(len(scales), dtype=torch.long),
+                                                 0, torch.qint8)
+            self.packed = torch.ops.quantized.linear_prepack(qweight, None)
+        self.out_features, self.in_features = w.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] == 1:  # one row: the call's scale is already the row's
+            out = torch.ops.quantized.linear_dynamic(x2, self.packed, False)
+        else:
+            row_max = x2.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-12)  # 8x faster than vector_norm(inf)
+            out = torch.ops.quantized.linear_dynamic(x2 / row_max, self.packed, False).mul_(row_max)
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+# Activation outliers live in a few channels (the same ones for every input), and quantizing them per
+# token wastes the int8 range of every other channel. SmoothQuant moves part of that range into the
+# weights: x W^T = (x / s)(W s)^T with s_j = max|x_j|^a / max|W_j|^(1-a), and 1/s is folded into the
+# op that produces x (an RMSNorm weight, or the `up` rows of the SwiGLU), so serving adds no work.
+# max|x_j| comes from one forward over this text; outlier channels barely depend on the text.
+CALIBRATION_TEXT = """<|im_start|>system
+You are a helpful assistant.<|im_end|>
+<|im_start|>user
+My card was declined at the supermarket this morning, and I am sure there is money on the account. Can you check what happened and tell me how to fix it?<|im_end|>
+<|im_start|>assistant
+I am sorry to hear that. A card can be declined for several reasons: a daily spending limit, a suspected fraud block, an expired card, or a payment terminal error. Please open the app, go to Cards, and check whether the card is frozen. If it is not, tell me the time of the payment and I will look at the logs.<|im_end|>
+It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of foolishness, it was the epoch of belief, it was the epoch of incredulity. The village lay at the foot of the hills, where the river turned west towards the sea; in the spring of 1871 the mill was rebuilt, and the school opened its doors to forty-two children.
+Summarize: The committee met on Tuesday to discuss the budget for next year. After a long debate they agreed to increase spending on libraries by 12% and to delay the new sports hall until 2027.
+Translate to French: Where is the train station? — Où est la gare ?
+def fibonacci(n: int) -> int:
+    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)
+"""
+
+
+@torch.inference_mode()
+def activation_absmax(model: Transformer, tokens: list[int]) -> dict[str, torch.Tensor]:
+    """Per-channel max |input| of every nn.Linear over one forward of `tokens`."""
+    stats: dict[str, torch.Tensor] = {}
+
+    def record(name: str):
+        def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            stats[name] = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0).float()
+        return hook
+
+    hooks = [m.register_forward_pre_hook(record(n)) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    try:
+        model(torch.tensor([tokens], device=model.device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return stats
+
+
+def smooth_scales(act_max: torch.Tensor, weight: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+    w_max = weight.detach().abs().amax(dim=0).float().clamp(min=1e-5)
+    return (act_max.clamp(min=1e-5).pow(alpha) / w_max.pow(1 - alpha)).clamp(min=1e-5)
+
+
+@torch.no_grad()
+def smooth_activations(model: Transformer, calibration_tokens: list[int], alpha: float = 0.5) -> Transformer:
+    """Fold SmoothQuant scales into a fused fp32 model. The model computes the same function
+    afterwards (up to rounding); only the int8 range of each projection's input changes."""
+    stats = activation_absmax(model, calibration_tokens)
+    for i, layer in enumerate(model.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        s = smooth_scales(stats[f"layers.{i}.self_attn.qkv_proj"], attn.qkv_proj.weight)
+        layer.input_layernorm.weight.div_(s)
+        attn.qkv_proj.weight.mul_(s)
+        down, gate_up = mlp.down_proj.weight, mlp.gate_up_proj.weight
+        s = smooth_scales(stats[f"layers.{i}.mlp.down_proj"], down)
+        gate_up[down.shape[1]:].div_(s[:, None])  # the `up` half scales silu(gate) * up
+        down.mul_(s)
+        s = smooth_scales(stats[f"layers.{i}.mlp.gate_up_proj"], gate_up)
+        layer.post_attention_layernorm.weight.div_(s)
+        gate_up.mul_(s)
+    s = smooth_scales(stats["lm_head"], model.lm_head.weight)
+    model.norm.weight.div_(s)
+    head = nn.Linear(model.config.dim, model.config.vocab_size, bias=False)
+    head.weight = nn.Parameter(model.lm_head.weight * s, requires_grad=False)  # unties the embedding
+    model.lm_head = head
+    return model
+
+
+def quantize_w8a8(model: Transformer, calibration_tokens: list[int]) -> Transformer:
+    """Smooth, then swap every projection and the output head for W8A8Linear (attention outputs,
+    the o_proj inputs, have no outlier channels worth moving)."""
+    smooth_activations(model, calibration_tokens)
+    for layer in model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(parent, name, W8A8Linear(child.weight))
+    model.lm_head = W8A8Linear(model.lm_head.weight)
+    return model
+
+
+QUANTIZATIONS = ("int8", "w8a8")
+
+
 def quantize_int8(model: Transformer) -> Transformer:
-    """Replace every projection and the output head by Int8Linear (the embedding stays as is:
-    a lookup reads one row per token). Returns the same model, for serving only."""
+    """Replace every projection and the output head by Int8Linear (the embedding stays as is: a lookup
+    reads one row per token)."""
     dtype = model.dtype
     for layer in model.layers:
         for parent in (layer.self_attn, layer.mlp):
@@ -46,16 +174,29 @@ def quantize_int8(model: Transformer) -> Transformer:
                 if isinstance(child, nn.Linear):
                     setattr(parent, name, Int8Linear(child, dtype))
     model.lm_head = Int8Linear(model.lm_head, dtype)  # unties it from the embedding
-    model.quantized = "int8"
-    return model.eval().requires_grad_(False)
+    return model
 
 
-def optimize_for_inference(model: Transformer, quantize: str | None = None) -> Transformer:
-    """What the server and benchmarks run: fused projections, then optional int8 weights."""
-    if quantize not in (None, "none", "int8"):
-        raise ValueError(f"unknown quantization {quantize!r}; choose 'int8' or none")
+def optimize_for_inference(model: Transformer, quantize: str | None = None, tokenizer: Tokenizer | None = None
+                           ) -> Transformer:
+    """What the server and benchmarks run: fused projections, then optional quantization (for serving
+    only). `w8a8` calibrates on CALIBRATION_TEXT, so it needs the model's tokenizer."""
+    if quantize not in (None, "none", *QUANTIZATIONS):
+        raise ValueError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZATIONS)} or none")
     if not model.fused:
         model.fuse_for_inference()
-    if quantize == "int8" and getattr(model, "quantized", None) != "int8":
+    current = getattr(model, "quantized", None)
+    if quantize in (None, "none") or current == quantize:
+        return model
+    if current is not None:
+        raise ValueError(f"model is already quantized ({current})")
+    if quantize == "int8":
         quantize_int8(model)
-    return model
+    else:
+        if model.device.type != "cpu" or model.dtype != torch.float32:
+            raise ValueError("w8a8 runs on CPU with float32 activations (fbgemm); use int8 on other devices")
+        if tokenizer is None:
+            raise ValueError("w8a8 needs the tokenizer to calibrate")
+        quantize_w8a8(model, tokenizer.encode(CALIBRATION_TEXT)[:model.config.max_seq_len])
+    model.quantized = quantize
+    return model.eval().requires_grad_(False)

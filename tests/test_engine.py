@@ -234,10 +234,10 @@ def test_logprobs_are_reported(model, prompts):
 
 # ------------------------------------------------------------------------ the real weights
 @pytest.mark.slow
-@pytest.mark.parametrize("quantize", [None, "int8"])
+@pytest.mark.parametrize("quantize", [None, "int8", "w8a8"])
 def test_engine_on_smollm2_matches_transformers_greedy(smollm2_checkpoint, quantize):
-    """All 5 reference prompts batched together through the fused (and optionally int8) serving model:
-    fp32 must equal transformers' greedy ids exactly; int8 is reported, and must agree on the 3 prompts
+    """All 5 reference prompts batched together through the fused (and optionally quantized) serving
+    model: fp32 must equal transformers' greedy ids exactly; int8 and w8a8 must agree on the 3 prompts
     with no near-tie (greeting, classify, factual)."""
     import json
     from pathlib import Path
@@ -247,7 +247,7 @@ def test_engine_on_smollm2_matches_transformers_greedy(smollm2_checkpoint, quant
 
     ref = json.loads((Path(__file__).parent / "fixtures" / "reference_outputs.json").read_text())
     ckpt = load_checkpoint(smollm2_checkpoint)
-    model = optimize_for_inference(ckpt.model, quantize=quantize)
+    model = optimize_for_inference(ckpt.model, quantize=quantize, tokenizer=ckpt.tokenizer)
     engine = LLMEngine(model, ckpt.tokenizer, EngineConfig(max_num_seqs=5, max_model_len=512,
                                                           max_num_batched_tokens=128, prefill_chunk=64))
     outs = engine.generate([p["prompt_ids"] for p in ref["prompts"]],
