@@ -65,7 +65,7 @@ class CacheBatch:
     write_positions: torch.Tensor  # (N,) position of every packed token
     decode_index: torch.Tensor | None  # (Bd,) packed indices of one-token sequences
     decode_slots: torch.Tensor | None  # (Bd,)
-    decode_mask: torch.Tensor | None  # (Bd, 1, 1, L) True where a key is visible; None if all see L keys
+    decode_mask: torch.Tensor | None  # (Bd, 1, 1, L) additive: 0 where a key is visible, -inf where not; None if all see L keys
     decode_len: int  # L: the longest decode sequence, keys read per decode query
     decode_contiguous: bool  # decode slots are 0..Bd-1 in order: read the cache without a gather
     prefills: list[PrefillGroup]
@@ -100,7 +100,10 @@ class CacheBatch:
             d_slots = torch.tensor(decode_slots, device=device)
             if min(decode_lens) < longest:  # equal lengths (always so for one sequence) need no mask
                 lens = torch.tensor(decode_lens, device=device)
-                d_mask = (torch.arange(longest, device=device)[None, :] < lens[:, None])[:, None, None, :]
+                hidden = torch.arange(longest, device=device)[None, :] >= lens[:, None]
+                # additive float mask, built once per step: SDPA would convert a bool one in every layer
+                d_mask = torch.zeros(hidden.shape, dtype=cache.k.dtype, device=device).masked_fill_(
+                    hidden, float("-inf"))[:, None, None, :]
         return cls(
             cache=cache,
             write_slots=torch.tensor(write_slots, device=device),

@@ -118,7 +118,7 @@ def activation_absmax(model: Transformer, tokens: list[int]) -> dict[str, torch.
     return stats
 
 
-def smooth_scales(act_max: torch.Tensor, weight: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+def smooth_scales(act_max: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
     w_max = weight.detach().abs().amax(dim=0).float().clamp(min=1e-5)
     return (act_max.clamp(min=1e-5).pow(alpha) / w_max.pow(1 - alpha)).clamp(min=1e-5)
 
@@ -130,17 +130,17 @@ def smooth_activations(model: Transformer, calibration_tokens: list[int], alpha:
     stats = activation_absmax(model, calibration_tokens)
     for i, layer in enumerate(model.layers):
         attn, mlp = layer.self_attn, layer.mlp
-        s = smooth_scales(stats[f"layers.{i}.self_attn.qkv_proj"], attn.qkv_proj.weight)
+        s = smooth_scales(stats[f"layers.{i}.self_attn.qkv_proj"], attn.qkv_proj.weight, alpha)
         layer.input_layernorm.weight.div_(s)
         attn.qkv_proj.weight.mul_(s)
         down, gate_up = mlp.down_proj.weight, mlp.gate_up_proj.weight
-        s = smooth_scales(stats[f"layers.{i}.mlp.down_proj"], down)
+        s = smooth_scales(stats[f"layers.{i}.mlp.down_proj"], down, alpha)
         gate_up[down.shape[1]:].div_(s[:, None])  # the `up` half scales silu(gate) * up
         down.mul_(s)
-        s = smooth_scales(stats[f"layers.{i}.mlp.gate_up_proj"], gate_up)
+        s = smooth_scales(stats[f"layers.{i}.mlp.gate_up_proj"], gate_up, alpha)
         layer.post_attention_layernorm.weight.div_(s)
         gate_up.mul_(s)
-    s = smooth_scales(stats["lm_head"], model.lm_head.weight)
+    s = smooth_scales(stats["lm_head"], model.lm_head.weight, alpha)
     model.norm.weight.div_(s)
     head = nn.Linear(model.config.dim, model.config.vocab_size, bias=False)
     head.weight = nn.Parameter(model.lm_head.weight * s, requires_grad=False)  # unties the embedding
