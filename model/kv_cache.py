@@ -118,7 +118,7 @@ class CacheBatch:
         k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]  # (S, Hkv, L, hd)
         k_cache[self.write_slots, :, self.write_positions] = k[0]
         v_cache[self.write_slots, :, self.write_positions] = v[0]
-        out = torch.empty_like(q) if self.prefills else q  # a pure decode step returns its own tensor
+        out = torch.empty_like(q) if self.prefills else None  # a pure decode step returns SDPA's tensor
         if self.decode_index is not None:
             longest = self.decode_len
             if self.decode_contiguous:
@@ -127,12 +127,12 @@ class CacheBatch:
             else:
                 kd = k_cache[:, :, :longest].index_select(0, self.decode_slots)  # (Bd, Hkv, L, hd)
                 vd = v_cache[:, :, :longest].index_select(0, self.decode_slots)
-            if not self.prefills:  # a pure decode step: packed order is decode order
-                od = F.scaled_dot_product_attention(q[0][:, :, None, :], kd, vd, attn_mask=self.decode_mask,
-                                                    enable_gqa=True)
+            # in a pure decode step the packed order is the decode order: no gather, no scatter
+            qd = q[0].index_select(0, self.decode_index) if self.prefills else q[0]  # (Bd, H, hd)
+            od = F.scaled_dot_product_attention(qd[:, :, None, :], kd, vd, attn_mask=self.decode_mask,
+                                                enable_gqa=True)  # (Bd, H, 1, hd)
+            if out is None:
                 return od.view(q.shape)
-            qd = q[0].index_select(0, self.decode_index)[:, :, None, :]  # (Bd, H, 1, hd)
-            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=self.decode_mask, enable_gqa=True)
             out[0, self.decode_index] = od[:, :, 0, :]
         for p in self.prefills:
             end = p.start + p.length
