@@ -28,32 +28,31 @@ def stream(tokenizer, ids, stop=()) -> tuple[list[str], IncrementalDetokenizer]:
     return deltas, detok
 
 
+def streamed_text(tokenizer, text: str) -> str:
+    """Encode `text`, stream it back through the detokenizer, check no delta shows U+FFFD, and return
+    the joined deltas."""
+    deltas, _ = stream(tokenizer, tokenizer.encode(text))
+    assert all("\ufffd" not in d for d in deltas)
+    return "".join(deltas)
+
+
 @settings(max_examples=150, deadline=None)
 @given(text=TEXTS)
 def test_sentencepiece_stream_never_shows_replacement_char(tiny_sp_tokenizer, text):
-    ids = tiny_sp_tokenizer.encode(text)
-    deltas, _ = stream(tiny_sp_tokenizer, ids)
-    assert all("\ufffd" not in d for d in deltas)
-    assert "".join(deltas) == text == tiny_sp_tokenizer.decode(ids)
+    assert streamed_text(tiny_sp_tokenizer, text) == text == tiny_sp_tokenizer.decode(tiny_sp_tokenizer.encode(text))
 
 
 @settings(max_examples=150, deadline=None)
 @given(text=TEXTS)
 def test_byte_level_bpe_stream_never_shows_replacement_char(tiny_bpe_tokenizer, text):
-    ids = tiny_bpe_tokenizer.encode(text)
-    deltas, _ = stream(tiny_bpe_tokenizer, ids)
-    assert all("\ufffd" not in d for d in deltas)
-    assert "".join(deltas) == text
+    assert streamed_text(tiny_bpe_tokenizer, text) == text
 
 
 @pytest.mark.slow
 @settings(max_examples=100, deadline=None)
 @given(text=TEXTS)
 def test_smollm2_tokenizer_stream(smollm2_tokenizer, text):
-    ids = smollm2_tokenizer.encode(text)
-    deltas, _ = stream(smollm2_tokenizer, ids)
-    assert all("\ufffd" not in d for d in deltas)
-    assert "".join(deltas) == text
+    assert streamed_text(smollm2_tokenizer, text) == text
 
 
 @settings(max_examples=150, deadline=None)
