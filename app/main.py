@@ -84,7 +84,9 @@ def load_model(settings: ServerSettings) -> Loaded:
     model = optimize_for_inference(ckpt.model, quantize=settings.quantize, tokenizer=ckpt.tokenizer)
     engine = LLMEngine(model, ckpt.tokenizer, config)
     name = settings.model_name or str(ckpt.meta.get("name") or Path(path).resolve().name)
-    log.info("loaded %s from %s on %s (%s), max_model_len %d", name, path, device, dtype_name, max_model_len)
+    quantized = "" if settings.quantize == "none" else f", {settings.quantize}"
+    log.info("loaded %s from %s on %s (%s%s), max_model_len %d", name, path, device, dtype_name, quantized,
+             max_model_len)
     return Loaded(engine, ckpt.tokenizer, ckpt.meta, name, max_model_len)
 
 

@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from model.config import QUANTIZATIONS
+
 ENV_PREFIX = "SEEDLING_"
 # SEEDLING_* variables that belong to other parts of Seedling (not server settings)
 FOREIGN_ENV = frozenset({"SEEDLING_HOME"})
@@ -41,7 +43,7 @@ class ServerSettings:
     max_num_batched_tokens: int = 512  # tokens per engine step (prefill chunks + decodes)
     prefill_chunk: int = 256  # longest prefill piece per sequence per step (bounds decode stalls)
     prefix_caching: bool = True  # reuse the K/V of a shared prompt prefix (long system prompts)
-    quantize: str = "none"  # none | int8 (weight-only) | w8a8 (int8 weights + activations, CPU); bench/quality.py
+    quantize: str = "none"  # none | int8 (weight-only) | w8a8 (int8 weights + activations, CPU) | q4 (Q4_1 blocks, native CPU forward); bench/quality.py
     max_tokens_default: int = 256  # max new tokens when a request does not say
     max_tokens_limit: int = 1024  # the most new tokens a request may ask for (400 above)
     max_queued_requests: int = 64  # requests waiting beyond max_num_seqs before 429 overloaded
@@ -72,7 +74,7 @@ class ServerSettings:
             (self.max_model_len >= 16, "max_model_len", "must be >= 16"),
             (self.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be >= 1"),
             (self.prefill_chunk >= 1, "prefill_chunk", "must be >= 1"),
-            (self.quantize in ("none", "int8", "w8a8"), "quantize", "must be none, int8 or w8a8"),
+            (self.quantize in ("none", *QUANTIZATIONS), "quantize", f"must be none or one of {', '.join(QUANTIZATIONS)}"),
             (1 <= self.max_tokens_default <= self.max_tokens_limit, "max_tokens_default",
              "must be in [1, max_tokens_limit]"),
             (self.max_queued_requests >= 0, "max_queued_requests", "must be >= 0"),

@@ -29,6 +29,7 @@ import httpx
 
 from bench.load import main_async as load_levels
 from bench.workload import LOAD_PROMPTS
+from model.config import QUANTIZATIONS
 
 SYSTEM_PARAGRAPHS = [
     "You are the support assistant of Northwind Bank. Answer politely, in at most three sentences.",
@@ -143,7 +144,7 @@ def main() -> None:
     ap.add_argument("--gguf", default=None, help="GGUF for llama-server (default: the cached SmolLM2 one)")
     ap.add_argument("--checkpoint", default=None, help="our checkpoint (default: SmolLM2)")
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--quantize", default=None, choices=["int8", "w8a8"])
+    ap.add_argument("--quantize", default=None, choices=QUANTIZATIONS)
     ap.add_argument("--concurrency", default="1,4,16,64")
     ap.add_argument("--requests-per-client", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=128)

@@ -20,10 +20,11 @@ import torch
 
 from bench.workload import LOAD_PROMPTS, median, percentile
 from model.checkpoint import load_checkpoint
+from model.config import QUANTIZATIONS
 from model.convert import ensure_default_model
 from model.engine import EngineConfig, LLMEngine
 from model.generate import generate
-from model.quantize import QUANTIZATIONS, optimize_for_inference
+from model.quantize import optimize_for_inference
 from model.sampling import SamplingParams
 from model.tokenizer import render_chat
 

@@ -20,25 +20,29 @@ from torch.profiler import ProfilerActivity, profile
 
 from bench.workload import LOAD_PROMPTS
 from model.checkpoint import load_checkpoint
+from model.config import QUANTIZATIONS
 from model.convert import ensure_default_model
 from model.engine import EngineConfig, LLMEngine
-from model.quantize import QUANTIZATIONS, optimize_for_inference
+from model.quantize import optimize_for_inference
 from model.sampling import SamplingParams
 from model.tokenizer import render_chat
 
+# seedling:: names are the phases of the native forward (q4), recorded inside model/csrc/seedling_cpu.cpp
 CATEGORIES = [
     ("matmul (projections + output head)", ("mm", "addmm", "linear", "matmul", "_weight_int8pack_mm", "bmm",
                                             "linear_dynamic")),
-    ("attention (SDPA)", ("scaled_dot_product", "_flash_attention", "_scaled_dot")),
+    ("attention (SDPA)", ("scaled_dot_product", "_flash_attention", "_scaled_dot", "attention")),
+    ("activation quantization (native int8 blocks)", ("quantize_activations",)),
     ("KV-cache write / gather", ("index_put", "index_select", "index")),
+    ("native forward: residual adds, rotary tables, K/V writes", ("forward",)),
     ("element-wise (norm, rotary, SiLU, residual)", ("rms_norm", "mul", "add", "cat", "neg", "silu", "pow",
-                                                     "mean", "rsqrt", "cos", "sin", "to", "copy_", "split")),
+                                                     "mean", "rsqrt", "cos", "sin", "to", "copy_", "split", "rotary")),
     ("sampling (argmax, softmax)", ("argmax", "softmax", "log_softmax", "topk", "multinomial", "sort")),
 ]
 
 
 def category(name: str) -> str:
-    op = name.removeprefix("aten::").removeprefix("quantized::")
+    op = name.removeprefix("aten::").removeprefix("quantized::").removeprefix("seedling::")
     for label, keys in CATEGORIES:
         if any(op == k or op.startswith(k) for k in keys):
             return label
@@ -83,11 +87,11 @@ def main() -> None:
         buckets: dict[str, float] = defaultdict(float)
         n_ops = 0
         for evt in prof.key_averages():
-            if evt.key.startswith(("aten::", "quantized::")):
+            if evt.key.startswith(("aten::", "quantized::", "seedling::")):
                 buckets[category(evt.key)] += evt.self_cpu_time_total / 1e6 / a.steps
                 n_ops += evt.count
         torch_total = sum(buckets.values())
-        print(f"\nC={c}: {plain * 1e3:.1f} ms/step -> {c / plain:.1f} tok/s; {n_ops / a.steps:.0f} aten ops/step")
+        print(f"\nC={c}: {plain * 1e3:.1f} ms/step -> {c / plain:.1f} tok/s; {n_ops / a.steps:.0f} profiled ops/step")
         print("| where | ms/step | share |")
         print("|---|---|---|")
         for label, secs in sorted(buckets.items(), key=lambda kv: -kv[1]):

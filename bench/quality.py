@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 
 from model.checkpoint import load_checkpoint
+from model.config import QUANTIZATIONS
 from model.convert import ensure_default_model
 from model.engine import EngineConfig, LLMEngine
-from model.quantize import QUANTIZATIONS, optimize_for_inference
+from model.quantize import optimize_for_inference
 from model.sampling import SamplingParams
 
 HERE = Path(__file__).resolve().parent

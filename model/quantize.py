@@ -7,6 +7,10 @@ measured by `bench/quality.py` (perplexity and greedy agreement against the unqu
   linear; x86 CPUs). This is what llama.cpp does for its quantized dot products (Q8 activations), and
   it is what makes a 2-core CPU fast at batch > 1: int8 multiply-adds (AVX2 `vpmaddubsw`) do twice the
   work per instruction of fp32 FMAs, and at batch 1 it still reads a quarter of the bytes.
+* `q4` — llama.cpp's block formats: Q4_1 projections (4-bit, a scale and a minimum per 32 weights),
+  a Q8_0 output head, and int8 activations in blocks of 32, run by the native CPU forward
+  (`model/csrc/seedling_cpu.cpp`): one C++ call per step instead of thousands of PyTorch ops. The
+  default SmolLM2 model is itself a Q4_1/Q8_0 GGUF, so for it these weights are the file's own.
 """
 
 from __future__ import annotations
@@ -18,8 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model import native
+from model.config import QUANTIZATIONS
+from model.kv_cache import CacheBatch, KVCache
 from model.tokenizer import Tokenizer
-from model.transformer import Transformer
+from model.transformer import Transformer, rotary_inv_freq
 
 
 class Int8Linear(nn.Module):
@@ -157,7 +164,144 @@ def quantize_w8a8(model: Transformer, calibration_tokens: list[int]) -> Transfor
     return replace_linears(model, lambda linear: W8A8Linear(linear.weight))
 
 
-QUANTIZATIONS = ("int8", "w8a8")
+# ---------------------------------------------------------------- q4: block formats + native forward
+# Weights are packed in groups of 8 output rows so the kernel reads 4 inputs of 8 rows per 256-bit
+# load (the layout is documented in model/csrc/seedling_cpu.cpp). QK inputs share one scale.
+QK, ROWS = 32, 8
+
+
+def _interleave(values: torch.Tensor) -> torch.Tensor:
+    """(N, K) -> (N/8, K/32, 8 chunks, 8 rows, 4): chunk c of row r holds inputs 4c..4c+3 of the block."""
+    n, k = values.shape
+    return values.view(n // ROWS, ROWS, k // QK, 8, 4).permute(0, 2, 3, 1, 4)
+
+
+def _deinterleave(values: torch.Tensor) -> torch.Tensor:
+    groups, blocks = values.shape[:2]
+    return values.permute(0, 3, 1, 2, 4).reshape(groups * ROWS, blocks * QK)
+
+
+def _group_scales(scales: torch.Tensor) -> torch.Tensor:
+    """(N, blocks) -> (N/8, blocks * 8): the 8 rows' scales of a block side by side."""
+    n, blocks = scales.shape
+    return scales.view(n // ROWS, ROWS, blocks).transpose(1, 2).reshape(n // ROWS, blocks * ROWS).contiguous()
+
+
+def _ungroup_scales(scales: torch.Tensor) -> torch.Tensor:
+    groups = scales.shape[0]
+    return scales.view(groups, -1, ROWS).transpose(1, 2).reshape(groups * ROWS, -1).float()
+
+
+def pack_q4_1(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_1 (as GGML's reference quantizer): per block of 32, m = min, d = (max - min) / 15, q in 0..15.
+    The codes are rounded against the fp16 d and m that are stored, so a weight that came from a Q4_1
+    file gets its own codes back. Returns (codes uint8 (N/8, 4K), d fp16 (N/8, K/4), m fp16 (N/8, K/4))."""
+    n, k = weight.shape
+    blocks = weight.detach().float().cpu().reshape(n, k // QK, QK)
+    d, m = ((blocks.amax(-1) - blocks.amin(-1)) / 15).half(), blocks.amin(-1).half()
+    df, mf = d.float()[..., None], m.float()[..., None]
+    q = torch.where(df > 0, torch.round((blocks - mf) / df.clamp(min=1e-30)), 0).clamp(0, 15).to(torch.uint8)
+    chunks = _interleave(q.reshape(n, k))
+    packed = chunks[:, :, 0::2] | (chunks[:, :, 1::2] << 4)  # chunk pairs share bytes: low nibble first
+    return packed.reshape(n // ROWS, -1).contiguous(), _group_scales(d), _group_scales(m)
+
+
+def pack_q8_0(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q8_0: per block of 32, d = max|w| / 127 and q = round(w / d) in -127..127."""
+    n, k = weight.shape
+    blocks = weight.detach().float().cpu().reshape(n, k // QK, QK)
+    d = (blocks.abs().amax(-1) / 127).half()
+    df = d.float()[..., None]
+    q = torch.where(df > 0, torch.round(blocks / df.clamp(min=1e-30)), 0).clamp(-127, 127).to(torch.int8)
+    return _interleave(q.reshape(n, k)).reshape(n // ROWS, -1).contiguous(), _group_scales(d), torch.empty(0).half()
+
+
+def dequantize_block(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """The fp32 (N, K) weight a packed Q4_1 (uint8 codes) or Q8_0 (int8 codes) tensor stands for."""
+    groups = q.shape[0]
+    if q.dtype == torch.uint8:
+        nibbles = q.view(groups, -1, 4, 8, 4)
+        codes = torch.stack([nibbles & 15, nibbles >> 4], dim=3).reshape(groups, -1, 8, 8, 4)
+    else:
+        codes = q.view(groups, -1, 8, 8, 4)
+    values = _deinterleave(codes).float().view(groups * ROWS, -1, QK) * _ungroup_scales(d)[..., None]
+    if q.dtype == torch.uint8:
+        values = values + _ungroup_scales(m)[..., None]
+    return values.reshape(groups * ROWS, -1)
+
+
+class BlockQuantLinear(nn.Module):
+    """A projection in Q4_1 or Q8_0 blocks with int8 activations, through `torch.ops.seedling.linear`
+    (what the native forward runs, usable alone: the eager model composes these for reference)."""
+
+    def __init__(self, weight: torch.Tensor, fmt: str) -> None:
+        super().__init__()
+        n, k = weight.shape
+        if k % QK or n % ROWS:
+            raise ValueError(f"{fmt} needs in_features divisible by {QK} and out_features by {ROWS}, got {k}->{n}")
+        q, d, m = pack_q4_1(weight) if fmt == "q4_1" else pack_q8_0(weight)
+        self.register_buffer("q", q)
+        self.register_buffer("d", d)
+        self.register_buffer("m", m)
+        self.fmt, self.in_features, self.out_features = fmt, k, n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.seedling.linear(x, self.q, self.d, self.m)
+
+
+class NativeForward:
+    """Runs a q4-packed Transformer's whole forward in one native call (`torch.ops.seedling.forward`).
+
+    With a CacheBatch the packed tokens write their K/V into the engine's cache and attend over their
+    own rows, so prefill chunks, decodes and mixed steps are the same call; without one (perplexity,
+    calibration) a scratch cache holds the batch."""
+
+    def __init__(self, model: Transformer) -> None:
+        cfg = model.config
+        tensors: list[torch.Tensor] = []
+        for layer in model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            tensors += [layer.input_layernorm.weight, *_qdm(attn.qkv_proj), *_qdm(attn.o_proj),
+                        layer.post_attention_layernorm.weight, *_qdm(mlp.gate_up_proj), *_qdm(mlp.down_proj)]
+        self.weights = [t.detach().contiguous() for t in tensors + [model.norm.weight, *_qdm(model.lm_head)]]
+        self.inv_freq = rotary_inv_freq(cfg.head_dim, cfg.rope_theta, torch.device("cpu"))
+        self.config = cfg
+
+    def __call__(self, model: Transformer, tokens: torch.Tensor, positions: torch.Tensor | None,
+                 kv_cache: CacheBatch | None, logits_index: torch.Tensor | None) -> torch.Tensor:
+        B, T = tokens.shape
+        if kv_cache is None:  # B independent sequences at positions 0..T-1, in a scratch cache
+            if positions is not None and not torch.equal(positions, torch.arange(T).expand(B, T)):
+                raise ValueError("without a KV cache the native forward runs positions 0..T-1")
+            cache = KVCache(self.config, n_slots=B, max_seq_len=T)
+            k, v = cache.k, cache.v
+            slots = torch.arange(B).repeat_interleave(T)
+            pos = torch.arange(T).repeat(B)
+        else:
+            if B != 1:
+                raise ValueError("a CacheBatch forward takes packed tokens of shape (1, N)")
+            k, v = kv_cache.cache.k, kv_cache.cache.v
+            slots, pos = kv_cache.write_slots, kv_cache.write_positions
+        x = model.embed_tokens(tokens).view(B * T, -1)
+        rows = logits_index if logits_index is not None else torch.arange(B * T)
+        cfg = self.config
+        logits = torch.ops.seedling.forward(x, slots, pos, rows, self.weights, k, v, self.inv_freq,
+                                            cfg.n_heads, cfg.n_kv_heads, cfg.norm_eps)
+        return logits if logits_index is not None else logits.view(B, T, -1)
+
+
+def _qdm(linear: nn.Module) -> list[torch.Tensor]:
+    assert isinstance(linear, BlockQuantLinear), linear
+    return [linear.q, linear.d, linear.m]
+
+
+def quantize_q4(model: Transformer) -> Transformer:
+    """Q4_1 projections, a Q8_0 output head, and the native forward (x86-64 CPU with AVX2)."""
+    native.load()  # NativeUnavailable says why not, before any weight is touched
+    replace_linears(model, lambda linear: BlockQuantLinear(
+        linear.weight, "q8_0" if linear.out_features == model.config.vocab_size else "q4_1"))
+    model.native = NativeForward(model)
+    return model
 
 
 def replace_linears(model: Transformer, make: Callable[[nn.Linear], nn.Module]) -> Transformer:
@@ -187,6 +331,10 @@ def optimize_for_inference(model: Transformer, quantize: str | None = None, toke
         raise ValueError(f"model is already quantized ({current})")
     if quantize == "int8":
         replace_linears(model, lambda linear: Int8Linear(linear, model.dtype))
+    elif quantize == "q4":
+        if model.device.type != "cpu" or model.dtype != torch.float32:
+            raise ValueError("q4 runs on CPU with float32 activations (native kernels); use int8 on other devices")
+        quantize_q4(model)
     else:
         if model.device.type != "cpu" or model.dtype != torch.float32:
             raise ValueError("w8a8 runs on CPU with float32 activations (fbgemm); use int8 on other devices")

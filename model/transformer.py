@@ -13,6 +13,7 @@ to HF tensor names by adding that prefix (see `model.checkpoint`).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -40,11 +41,15 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
+def rotary_inv_freq(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
+    """(head_dim/2,) fp32 rotation frequencies; a position's angles are position * inv_freq."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+
+
 def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float,
                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables for the given positions: (B, T) -> two (B, T, 1, head_dim) tensors."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32)
-                               / head_dim))
+    inv_freq = rotary_inv_freq(head_dim, theta, positions.device)
     freqs = positions.float()[..., None] * inv_freq  # (B, T, head_dim/2)
     emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]  # (B, T, 1, head_dim)
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -143,6 +148,8 @@ class Transformer(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.fused = False
+        # set by model.quantize (q4): runs the whole forward natively; called as native(self, tokens, ...)
+        self.native: Callable[..., torch.Tensor] | None = None
 
     def init_weights(self, seed: int | None = None) -> Transformer:
         """GPT-2 style init: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layers)."""
@@ -180,6 +187,8 @@ class Transformer(nn.Module):
         """tokens, positions: (B, T) long. Returns logits (B, T, vocab), or (K, vocab) when
         `logits_index` (K,) picks which of the (B*T) flattened positions need logits — prefill only
         needs the last token's, and the output head is the most expensive matmul for small models."""
+        if self.native is not None:
+            return self.native(self, tokens, positions, kv_cache, logits_index)
         B, T = tokens.shape
         if positions is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)

@@ -336,3 +336,20 @@ def test_503_before_ready(app_checkpoint: Path) -> None:  # noqa: F811
         r = c.post("/chat", json={"messages": USER_HI})
         assert r.status_code == 503 and error_of(r)["code"] == "not_ready"
         gate.set()
+
+
+def test_q4_server_answers_concurrent_requests_exactly_as_alone(app_checkpoint: Path) -> None:  # noqa: F811
+    """SEEDLING_QUANTIZE=q4 serves through the native forward, whose outputs do not depend on the
+    batch: 6 concurrent greedy requests (one streamed) get the tokens each gets alone."""
+    with make_client(settings_for(app_checkpoint, quantize="q4")) as c:
+        prompts = [f"Count to {i}" for i in range(6)]
+        body = {"max_tokens": 10, "temperature": 0}
+        alone = [c.post("/v1/completions", json={**body, "prompt": p}).json()["choices"][0]["text"]
+                 for p in prompts]
+        with ThreadPoolExecutor(6) as pool:
+            together = list(pool.map(lambda p: c.post("/v1/completions", json={**body, "prompt": p}).json()
+                                     ["choices"][0]["text"], prompts))
+        assert together == alone
+        r = c.post("/v1/completions", json={**body, "prompt": prompts[0], "stream": True})
+        events = [json.loads(e) for e in sse_events(r.text) if e != "[DONE]"]
+        assert "".join(e["choices"][0]["text"] for e in events) == alone[0]

@@ -234,10 +234,10 @@ def test_logprobs_are_reported(model, prompts):
 
 # ------------------------------------------------------------------------ the real weights
 @pytest.mark.slow
-@pytest.mark.parametrize("quantize", [None, "int8", "w8a8"])
+@pytest.mark.parametrize("quantize", [None, "int8", "w8a8", "q4"])
 def test_engine_on_smollm2_matches_transformers_greedy(smollm2_checkpoint, quantize):
     """All 5 reference prompts batched together through the fused (and optionally quantized) serving
-    model: fp32 must equal transformers' greedy ids exactly; int8 and w8a8 must agree on the 3 prompts
+    model: fp32 must equal transformers' greedy ids exactly; int8, w8a8 and q4 must agree on the 3 prompts
     with no near-tie (greeting, classify, factual)."""
     import json
     from pathlib import Path

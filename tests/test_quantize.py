@@ -9,7 +9,14 @@ import torch
 from torch import nn
 
 from model.checkpoint import load_checkpoint
-from model.quantize import CALIBRATION_TEXT, W8A8Linear, optimize_for_inference, smooth_activations
+from model.quantize import (
+    CALIBRATION_TEXT,
+    BlockQuantLinear,
+    W8A8Linear,
+    dequantize_block,
+    optimize_for_inference,
+    smooth_activations,
+)
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -56,7 +63,7 @@ def test_smoothing_keeps_the_function(tiny_checkpoint):
     assert torch.equal(smoothed.embed_tokens.weight, model.embed_tokens.weight)
 
 
-@pytest.mark.parametrize("mode", ["int8", "w8a8"])
+@pytest.mark.parametrize("mode", ["int8", "w8a8", "q4"])
 def test_quantized_model_tracks_fp32(tiny_checkpoint, mode):
     ckpt = load_checkpoint(tiny_checkpoint)
     ref_model = copy.deepcopy(ckpt.model).fuse_for_inference()
@@ -76,3 +83,120 @@ def test_w8a8_refuses_what_it_cannot_run(tiny_checkpoint):
                                tokenizer=ckpt.tokenizer)
     with pytest.raises(ValueError, match="unknown quantization"):
         optimize_for_inference(ckpt.model, quantize="int3")
+
+
+# ---------------------------------------------------------------- q4: block formats and native kernels
+def reference_block_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """What the native kernel computes, in float64: x quantized to int8 per block of 32 (scale
+    max|x| / 127, round half to even), times the dequantized weight."""
+    m, k = x.shape
+    blocks = x.view(m, k // 32, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    q = torch.round(blocks * torch.where(amax > 0, 127.0 / amax, 0.0))
+    xq = (q * (amax / 127.0)).view(m, k)
+    return (xq.double() @ weight.double().T).float()
+
+
+@pytest.mark.parametrize("fmt", ["q4_1", "q8_0"])
+def test_block_formats_round_trip(fmt):
+    """Weights already on a Q4_1 / Q8_0 grid (as a GGUF's are) come back exactly; others within half a step."""
+    g = torch.Generator().manual_seed(0)
+    n, k = 16, 64
+    d = (torch.rand(n, k // 32, 1, generator=g) * 0.1 + 0.01).half().float()
+    if fmt == "q4_1":
+        codes = torch.randint(0, 16, (n, k // 32, 32), generator=g).float()
+        codes[..., 0], codes[..., 1] = 0, 15  # every block spans the grid, as the quantizer makes it
+        on_grid = codes * d + (torch.randn(n, k // 32, 1, generator=g) * 0.1).half().float()
+    else:
+        codes = torch.randint(-127, 128, (n, k // 32, 32), generator=g).float()
+        codes[..., 0] = 127
+        on_grid = codes * d
+    on_grid = on_grid.view(n, k)
+    layer = BlockQuantLinear(on_grid, fmt)
+    assert torch.equal(dequantize_block(layer.q, layer.d, layer.m), on_grid)
+    w = torch.randn(n, k, generator=g)
+    layer = BlockQuantLinear(w, fmt)
+    step = layer.d.view(n // 8, -1, 8).transpose(1, 2).reshape(n, -1, 1).float()  # d per row and block
+    err = (dequantize_block(layer.q, layer.d, layer.m) - w).view(n, -1, 32).abs()
+    assert (err <= step * 0.5 + 1e-3).all()
+    with pytest.raises(ValueError, match="divisible"):
+        BlockQuantLinear(torch.randn(12, 64), fmt)
+
+
+@pytest.mark.parametrize("fmt", ["q4_1", "q8_0"])
+@pytest.mark.parametrize("m", [1, 3, 4, 9])
+def test_block_linear_matches_the_integer_reference(fmt, m):
+    torch.manual_seed(m)
+    w, x = torch.randn(48, 96), torch.randn(m, 96) * 3
+    x[0, 5] = 40.0  # an outlier only costs its own block's precision
+    layer = BlockQuantLinear(w, fmt)
+    ref = reference_block_matmul(x, dequantize_block(layer.q, layer.d, layer.m))
+    out = layer(x)
+    assert out.shape == (m, 48)
+    assert relative_error(out, ref) < 1e-5
+    assert relative_error(layer(x.view(1, m, 96)).view(m, 48), ref) < 1e-5  # any leading shape
+    assert torch.equal(layer(torch.zeros(2, 96)), torch.zeros(2, 48))  # an all-zero block has scale 0
+
+
+def q4_model(tiny_checkpoint):
+    ckpt = load_checkpoint(tiny_checkpoint)
+    return optimize_for_inference(ckpt.model, quantize="q4", tokenizer=ckpt.tokenizer)
+
+
+@torch.inference_mode()
+def test_native_forward_matches_the_eager_model_on_the_same_weights(tiny_checkpoint):
+    model = q4_model(tiny_checkpoint)
+    tokens = torch.randint(0, 400, (2, 40), generator=torch.Generator().manual_seed(0))
+    native_out = model(tokens)
+    native, model.native = model.native, None
+    eager_out = model(tokens)  # the PyTorch layers composing the same seedling::linear projections
+    model.native = native
+    assert native_out.shape == eager_out.shape == (2, 40, 512)
+    assert relative_error(native_out, eager_out) < 0.01
+    assert (native_out.argmax(-1) == eager_out.argmax(-1)).float().mean() > 0.95
+
+
+@torch.inference_mode()
+def test_native_forward_is_batch_invariant_over_the_kv_cache(tiny_checkpoint):
+    """Chunked prefill, decode, and packing with another sequence give bit-identical logits to one
+    full forward: every token is computed on its own (its own activation scales, its own attention)."""
+    from model.kv_cache import KVCache
+
+    model = q4_model(tiny_checkpoint)
+    a = torch.randint(0, 400, (1, 30), generator=torch.Generator().manual_seed(1))
+    b = torch.randint(0, 400, (1, 12), generator=torch.Generator().manual_seed(2))
+    full_a, full_b = model(a)[0], model(b)[0]
+    cache = KVCache(model.config, n_slots=3, max_seq_len=64)
+    # a: prefill 0..19 in slot 2, then a mixed step packing a's 20..28 with all of b (slot 0)
+    model(a[:, :20], kv_cache=cache.batch([2], [0], [20]), logits_index=torch.tensor([19]))
+    packed = torch.cat([a[:, 20:29], b], dim=1)
+    out = model(packed, kv_cache=cache.batch([2, 0], [20, 0], [9, 12]), logits_index=torch.tensor([8, 20]))
+    assert torch.equal(out[0], full_a[28]) and torch.equal(out[1], full_b[11])
+    # then one decode step for both
+    step = torch.cat([a[:, 29:30], torch.tensor([[7]])], dim=1)
+    out = model(step, kv_cache=cache.batch([2, 0], [29, 12], [1, 1]), logits_index=torch.tensor([0, 1]))
+    assert torch.equal(out[0], full_a[29])
+    assert torch.equal(out[1], model(torch.cat([b, torch.tensor([[7]])], dim=1))[0, 12])
+
+
+def test_native_forward_rejects_bad_cache_positions(tiny_checkpoint):
+    from model.kv_cache import KVCache
+
+    model = q4_model(tiny_checkpoint)
+    cache = KVCache(model.config, n_slots=1, max_seq_len=8)
+    batch = cache.batch([0], [0], [4])
+    batch.write_positions[-1] = 8  # past the cache: must be a clear error, not a write out of bounds
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        model(torch.tensor([[1, 2, 3, 4]]), kv_cache=batch)
+    with pytest.raises(ValueError, match="positions 0..T-1"):
+        model(torch.tensor([[1, 2]]), positions=torch.tensor([[3, 4]]))
+
+
+def test_native_kernels_say_why_they_cannot_run(monkeypatch, tiny_checkpoint):
+    from model import native
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    assert "AVX2" in native.unavailable_reason()
+    ckpt = load_checkpoint(tiny_checkpoint)
+    with pytest.raises(ValueError, match="float32"):
+        optimize_for_inference(ckpt.model.to(torch.bfloat16), quantize="q4")
