@@ -29,10 +29,11 @@ ENV DEBIAN_FRONTEND=noninteractive \
     VENV=/opt/venv \
     TORCH_INDEX=${TORCH_INDEX} \
     TORCH_SPEC=${TORCH_SPEC}
-# Debian's python3 is pinned by the bookworm release itself.
+# Debian's python3 is pinned by the bookworm release itself. g++ builds the native CPU kernels
+# (SEEDLING_QUANTIZE=q4) in this stage, so the runtime image needs no compiler.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates g++ \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /opt/seedling
 # 1. dependencies first (torch and the rest; cached until pyproject.toml or setup.sh change):
@@ -44,6 +45,7 @@ RUN mkdir model training app && touch README.md && .ci/setup.sh
 #    training/, app/), then the same script again (dependencies satisfied: installs the project)
 COPY . .
 RUN .ci/setup.sh && rm -rf ./*.egg-info/ .ci/ \
+    && SEEDLING_NATIVE_DIR=/opt/seedling/native /opt/venv/bin/python -m model.native \
     && find /opt/venv /opt/seedling -name __pycache__ -prune -exec rm -rf {} +
 
 # ---- runtime: python3, the venv and the code; runs as a non-root user -------------------------
@@ -60,6 +62,7 @@ ENV DEBIAN_FRONTEND=noninteractive \
     SEEDLING_HOME=/data \
     SEEDLING_HOST=0.0.0.0 \
     SEEDLING_PORT=8000 \
+    SEEDLING_NATIVE_DIR=/opt/seedling/native \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 # hadolint ignore=DL3008
