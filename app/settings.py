@@ -21,7 +21,7 @@ from model.config import QUANTIZATIONS
 
 ENV_PREFIX = "SEEDLING_"
 # SEEDLING_* variables that belong to other parts of Seedling (not server settings)
-FOREIGN_ENV = frozenset({"SEEDLING_HOME"})
+FOREIGN_ENV = frozenset({"SEEDLING_HOME", "SEEDLING_NATIVE_DIR"})  # model/: data home, native kernels
 
 
 class SettingsError(ValueError):

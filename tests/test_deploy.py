@@ -108,6 +108,10 @@ def test_dockerfile_env_is_known_settings() -> None:
     env = " ".join(a for w, a in _dockerfile_instructions() if w == "ENV")
     unknown = set(re.findall(r"\bSEEDLING_[A-Z0-9_]+", env)) - _known_env_vars()
     assert not unknown, f"Dockerfile sets SEEDLING_* variables the server does not know: {unknown}"
+    # and the server starts with exactly that environment (an unknown SEEDLING_* variable is fatal)
+    settings = importlib.import_module("app.settings")
+    image_env = dict(re.findall(r"\b(SEEDLING_[A-Z0-9_]+)=(\S+)", env))
+    assert settings.ServerSettings.from_env(image_env).port == int(image_env["SEEDLING_PORT"])
 
 
 def test_dockerignore_is_an_allow_list() -> None:
