@@ -297,6 +297,8 @@ def _qdm(linear: nn.Module) -> list[torch.Tensor]:
 
 def quantize_q4(model: Transformer) -> Transformer:
     """Q4_1 projections, a Q8_0 output head, and the native forward (x86-64 CPU with AVX2)."""
+    if model.config.head_dim not in (16, 32, 64, 128):
+        raise ValueError(f"q4 supports head_dim 16, 32, 64 or 128, not {model.config.head_dim}")
     native.load()  # NativeUnavailable says why not, before any weight is touched
     replace_linears(model, lambda linear: BlockQuantLinear(
         linear.weight, "q8_0" if linear.out_features == model.config.vocab_size else "q4_1"))

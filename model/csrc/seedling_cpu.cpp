@@ -317,8 +317,65 @@ struct LayerCache {
   }
 };
 
+// 8 dot-product accumulators -> one register holding their 8 sums (in order)
+inline __m256 reduce8(const __m256* a) {
+  const __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
+}
+
+// softmax(q . keys[0..n) * scale) . values[0..n) for one query head, head_dim = 8 * HD8.
+// The arithmetic order depends only on n, never on what else is in the batch.
+template <int HD8>
+void attend_head(const float* q, const float* keys, const float* values, int64_t n, float scale, float* scores,
+                 float* out) {
+  constexpr int64_t hd = 8 * HD8;
+  __m256 qv[HD8];
+  for (int i = 0; i < HD8; ++i) qv[i] = _mm256_mul_ps(_mm256_loadu_ps(q + 8 * i), _mm256_set1_ps(scale));
+  int64_t j = 0;
+  __m256 vmax = _mm256_set1_ps(-INFINITY);
+  for (; j + 8 <= n; j += 8) {  // 8 keys at a time, one horizontal reduction for all 8
+    __m256 acc[8];
+    for (int k = 0; k < 8; ++k) {
+      const float* key = keys + (j + k) * hd;
+      __m256 a = _mm256_mul_ps(qv[0], _mm256_loadu_ps(key));
+      for (int i = 1; i < HD8; ++i) a = _mm256_fmadd_ps(qv[i], _mm256_loadu_ps(key + 8 * i), a);
+      acc[k] = a;
+    }
+    const __m256 sc = reduce8(acc);
+    _mm256_storeu_ps(scores + j, sc);
+    vmax = _mm256_max_ps(vmax, sc);
+  }
+  float mx = hmax(vmax);
+  for (; j < n; ++j) {
+    const float* key = keys + j * hd;
+    __m256 a = _mm256_mul_ps(qv[0], _mm256_loadu_ps(key));
+    for (int i = 1; i < HD8; ++i) a = _mm256_fmadd_ps(qv[i], _mm256_loadu_ps(key + 8 * i), a);
+    scores[j] = hsum(a);
+    mx = std::max(mx, scores[j]);
+  }
+  __m256 vsum = _mm256_setzero_ps();
+  for (j = 0; j + 8 <= n; j += 8) {
+    const __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(scores + j), _mm256_set1_ps(mx)));
+    _mm256_storeu_ps(scores + j, e);
+    vsum = _mm256_add_ps(vsum, e);
+  }
+  float sum = hsum(vsum);
+  for (; j < n; ++j) sum += (scores[j] = std::exp(scores[j] - mx));
+  __m256 o[HD8];
+  for (int i = 0; i < HD8; ++i) o[i] = _mm256_setzero_ps();
+  for (j = 0; j < n; ++j) {
+    const __m256 p = _mm256_set1_ps(scores[j]);
+    const float* value = values + j * hd;
+    for (int i = 0; i < HD8; ++i) o[i] = _mm256_fmadd_ps(p, _mm256_loadu_ps(value + 8 * i), o[i]);
+  }
+  const __m256 inv = _mm256_set1_ps(1.0f / sum);
+  for (int i = 0; i < HD8; ++i) _mm256_storeu_ps(out + 8 * i, _mm256_mul_ps(o[i], inv));
+}
+
 // Causal attention of every packed token over its own sequence's cache row, positions [0, pos].
-// Each work item is one (token, kv head): its group of query heads reads each key and value once.
+// Work items are (token, kv head); tokens are visited short-long-short-long (a prefill's costs grow
+// with position), so the contiguous ranges parallel_for hands each thread cost about the same.
 void attend(const float* qkv, int64_t n_tokens, const int64_t* slots, const int64_t* positions,
             const LayerCache& cache, const LayerShape& s, float* out) {
   SEEDLING_PHASE("attention");
@@ -327,48 +384,21 @@ void attend(const float* qkv, int64_t n_tokens, const int64_t* slots, const int6
   at::parallel_for(0, n_tokens * s.n_kv_heads, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> scores;
     for (int64_t item = i0; item < i1; ++item) {
-      const int64_t t = item / s.n_kv_heads, g = item % s.n_kv_heads;
+      const int64_t k = item / s.n_kv_heads, g = item % s.n_kv_heads;
+      const int64_t t = (k % 2 == 0) ? k / 2 : n_tokens - 1 - k / 2;
       const int64_t n_keys = positions[t] + 1;
-      scores.resize(group * n_keys);
-      const float* q = qkv + t * s.qkv_width() + g * group * hd;
+      scores.resize(n_keys);
       const float* keys = cache.key(slots[t], g, 0, s);
-      for (int64_t j = 0; j < n_keys; ++j) {
-        const float* key = keys + j * hd;
-        for (int64_t h = 0; h < group; ++h) {
-          const float* qh = q + h * hd;
-          float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-          for (int64_t i = 0; i < hd; ++i) dot += qh[i] * key[i];
-          scores[h * n_keys + j] = dot * scale;
-        }
-      }
-      for (int64_t h = 0; h < group; ++h) {  // softmax in place
-        float* sc = scores.data() + h * n_keys;
-        float mx = -INFINITY;
-        for (int64_t j = 0; j < n_keys; ++j) mx = std::max(mx, sc[j]);
-        float sum = 0.0f;
-        int64_t j = 0;
-        __m256 vsum = _mm256_setzero_ps();
-        for (; j + 8 <= n_keys; j += 8) {
-          const __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(sc + j), _mm256_set1_ps(mx)));
-          _mm256_storeu_ps(sc + j, e);
-          vsum = _mm256_add_ps(vsum, e);
-        }
-        sum = hsum(vsum);
-        for (; j < n_keys; ++j) sum += (sc[j] = std::exp(sc[j] - mx));
-        const float inv = 1.0f / sum;
-        for (j = 0; j < n_keys; ++j) sc[j] *= inv;
-      }
-      float* o = out + t * s.n_heads * hd + g * group * hd;
-      std::fill(o, o + group * hd, 0.0f);
       const float* values = cache.value(slots[t], g, 0, s);
-      for (int64_t j = 0; j < n_keys; ++j) {
-        const float* value = values + j * hd;
-        for (int64_t h = 0; h < group; ++h) {
-          const float p = scores[h * n_keys + j];
-          float* oh = o + h * hd;
-#pragma omp simd
-          for (int64_t i = 0; i < hd; ++i) oh[i] += p * value[i];
+      for (int64_t h = g * group; h < (g + 1) * group; ++h) {
+        const float* q = qkv + t * s.qkv_width() + h * hd;
+        float* o = out + (t * s.n_heads + h) * hd;
+        switch (hd) {
+          case 16: attend_head<2>(q, keys, values, n_keys, scale, scores.data(), o); break;
+          case 32: attend_head<4>(q, keys, values, n_keys, scale, scores.data(), o); break;
+          case 64: attend_head<8>(q, keys, values, n_keys, scale, scores.data(), o); break;
+          case 128: attend_head<16>(q, keys, values, n_keys, scale, scores.data(), o); break;
+          default: break;  // checked by forward_op
         }
       }
     }
@@ -416,7 +446,9 @@ at::Tensor forward_op(const at::Tensor& x_in, const at::Tensor& slots_t, const a
 
   const LayerShape s{dim, n_heads, n_kv_heads, k_cache.size(4),
                      weights[8].size(0) * ROWS / 2};  // gate_up has 2 * ffn rows, in groups of 8
-  TORCH_CHECK(k_cache.size(2) == n_kv_heads && n_heads % n_kv_heads == 0 && s.head_dim % 2 == 0, "bad head shape");
+  TORCH_CHECK(k_cache.size(2) == n_kv_heads && n_heads % n_kv_heads == 0, "bad head shape");
+  TORCH_CHECK(s.head_dim == 16 || s.head_dim == 32 || s.head_dim == 64 || s.head_dim == 128, "head_dim ",
+              s.head_dim, " is not supported (16, 32, 64 or 128)");
   const float eps = static_cast<float>(eps_d);
 
   // rotary tables for every packed token: angle = position * inv_freq (fp32, as the PyTorch model)
