@@ -1,7 +1,8 @@
-"""Quality cost of the serving options (int8 weights, int8 weights + activations, bf16) against fp32 on the same checkpoint:
+"""Quality cost of the serving options (q4 blocks, int8 weights, int8 weights + activations, bf16) against fp32 on the
+same checkpoint:
 perplexity on fixed text (target: within 2 % of fp32) and greedy agreement on the 5 reference prompts.
 
-    python -m bench.quality                                     # fp32 vs int8 vs bf16 vs bf16+int8
+    python -m bench.quality                                     # fp32 vs q4, int8, w8a8, bf16, bf16+int8
     python -m bench.quality --text ../shared/data/en_public_domain_text/test.jsonl --max-tokens 8192
 
 Perplexity is computed over non-overlapping 512-token windows of the text (one JSON object with a
@@ -68,7 +69,7 @@ def main() -> None:
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--text", default=str(DEFAULT_TEXT), help="text or JSONL file for perplexity")
     ap.add_argument("--max-tokens", type=int, default=4096, help="tokens of text to score")
-    ap.add_argument("--variants", default="fp32,int8,w8a8,bf16,bf16+int8")
+    ap.add_argument("--variants", default="fp32,q4,int8,w8a8,bf16,bf16+int8")
     a = ap.parse_args()
     path = a.checkpoint or ensure_default_model()
     base = load_checkpoint(path, dtype=torch.float32)
