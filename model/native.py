@@ -69,7 +69,10 @@ def build(path: Path) -> None:
         cmd = [_compiler() or "c++", *FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
                *(f"-I{p}" for p in include_paths()), str(SOURCE), "-o", str(out),
                *(f"-L{p}" for p in library_paths()), "-lc10", "-ltorch_cpu"]
-        result = subprocess.run(cmd, capture_output=True, text=True)
+        try:
+            result = subprocess.run(cmd, capture_output=True, text=True)
+        except OSError as e:
+            raise NativeUnavailable(f"cannot run the C++ compiler {cmd[0]!r}: {e}") from e
         if result.returncode != 0:
             raise NativeUnavailable(f"building {SOURCE.name} failed:\n{result.stderr[-4000:]}")
         os.replace(out, path)  # atomic: another process sees the whole library or none

@@ -200,3 +200,18 @@ def test_native_kernels_say_why_they_cannot_run(monkeypatch, tiny_checkpoint):
     ckpt = load_checkpoint(tiny_checkpoint)
     with pytest.raises(ValueError, match="float32"):
         optimize_for_inference(ckpt.model.to(torch.bfloat16), quantize="q4")
+
+
+def test_native_build_failures_are_clear(monkeypatch, tmp_path):
+    from model import native
+
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with pytest.raises(native.NativeUnavailable, match="cannot run the C\\+\\+ compiler"):
+        native.build(tmp_path / "lib.so")
+    broken = tmp_path / "broken.cpp"
+    broken.write_text("this is not C++\n")
+    monkeypatch.delenv("CXX")
+    monkeypatch.setattr(native, "SOURCE", broken)
+    with pytest.raises(native.NativeUnavailable, match="building broken.cpp failed"):
+        native.build(tmp_path / "lib.so")
+    assert not (tmp_path / "lib.so").exists()  # nothing half-written is left to load

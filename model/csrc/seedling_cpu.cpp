@@ -421,7 +421,7 @@ at::Tensor linear_op(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
   return out.view(shape);
 }
 
-constexpr int64_t kTensorsPerLayer = 14;  // see model/native.py: NativeWeights
+constexpr int64_t kTensorsPerLayer = 14;  // the order is model/quantize.py NativeForward.weights
 
 at::Tensor forward_op(const at::Tensor& x_in, const at::Tensor& slots_t, const at::Tensor& positions_t,
                       const at::Tensor& logits_rows_t, at::TensorList weights, const at::Tensor& k_cache,
