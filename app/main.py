@@ -80,7 +80,8 @@ def load_model(settings: ServerSettings) -> Loaded:
                     max_model_len)
     config = EngineConfig(max_num_seqs=settings.max_num_seqs, max_model_len=max_model_len,
                           max_num_batched_tokens=max(settings.max_num_batched_tokens, settings.max_num_seqs),
-                          prefill_chunk=settings.prefill_chunk, enable_prefix_caching=settings.prefix_caching)
+                          prefill_chunk=settings.prefill_chunk, enable_prefix_caching=settings.prefix_caching,
+                          cuda_graphs=settings.cuda_graphs)
     model = optimize_for_inference(ckpt.model, quantize=settings.quantize, tokenizer=ckpt.tokenizer)
     engine = LLMEngine(model, ckpt.tokenizer, config)
     name = settings.model_name or str(ckpt.meta.get("name") or Path(path).resolve().name)

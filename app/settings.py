@@ -43,6 +43,7 @@ class ServerSettings:
     max_num_batched_tokens: int = 512  # tokens per engine step (prefill chunks + decodes)
     prefill_chunk: int = 256  # longest prefill piece per sequence per step (bounds decode stalls)
     prefix_caching: bool = True  # reuse the K/V of a shared prompt prefix (long system prompts)
+    cuda_graphs: bool = False  # on a GPU, replay decode steps as CUDA graphs (opt-in; bench/gpu_check.py)
     quantize: str = "none"  # none | int8 (weight-only) | w8a8 (int8 weights + activations, CPU) | q4 (Q4_1 blocks, native CPU forward); bench/quality.py
     max_tokens_default: int = 256  # max new tokens when a request does not say
     max_tokens_limit: int = 1024  # the most new tokens a request may ask for (400 above)

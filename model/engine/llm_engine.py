@@ -56,6 +56,9 @@ class EngineConfig:
     prefill_chunk: int = 256  # longest prefill piece per sequence per step
     enable_prefix_caching: bool = True
     max_kv_cache_bytes: int | None = None  # refuse to start if the cache would need more
+    # on a GPU, replay pure decode steps as CUDA graphs (model/engine/cuda_graphs.py). Opt-in: the padded
+    # steps are tested on CPU, the recording itself has not run on a GPU yet (bench/gpu_check.py does)
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_model_len", "max_num_batched_tokens", "prefill_chunk"):
@@ -98,7 +101,8 @@ class LLMEngine:
                              f"{config.max_model_len} tokens, over the {config.max_kv_cache_bytes / 2**20:.0f} "
                              "MiB allowed; lower max_num_seqs or max_model_len")
         self.runner = ModelRunner(model, config.max_num_seqs, config.max_model_len,
-                                  valid_vocab=tokenizer.vocab_size if tokenizer else None)
+                                  valid_vocab=tokenizer.vocab_size if tokenizer else None,
+                                  cuda_graphs=config.cuda_graphs)
         self.cache_manager = CacheManager(config.max_num_seqs, config.max_model_len,
                                           config.enable_prefix_caching)
         self.scheduler = Scheduler(self.cache_manager, config.max_num_batched_tokens, config.prefill_chunk)

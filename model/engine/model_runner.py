@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from model.engine.cuda_graphs import DecodeGraphs
 from model.engine.scheduler import ScheduledChunk
 from model.engine.sequence import Sequence, TokenLogprob
 from model.kv_cache import KVCache
@@ -13,13 +14,16 @@ from model.transformer import Transformer
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, n_slots: int, max_seq_len: int, valid_vocab: int | None = None
-                 ) -> None:
+    def __init__(self, model: Transformer, n_slots: int, max_seq_len: int, valid_vocab: int | None = None,
+                 cuda_graphs: bool = False) -> None:
         self.model = model
         self.device = model.device
         # a model may have more output rows than its tokenizer has tokens (padding): never sample those
         self.valid_vocab = valid_vocab if valid_vocab and valid_vocab < model.config.vocab_size else None
-        self.cache = KVCache(model.config, n_slots, max_seq_len, dtype=model.dtype, device=self.device)
+        graphs = cuda_graphs and self.device.type == "cuda" and model.native is None
+        # with CUDA graphs one more cache row takes the padding rows' K/V (never a sequence's slot)
+        self.cache = KVCache(model.config, n_slots + graphs, max_seq_len, dtype=model.dtype, device=self.device)
+        self.decode_graphs = DecodeGraphs(model, self.cache, n_slots, scratch_slot=n_slots) if graphs else None
 
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk]) -> list[int]:
@@ -34,6 +38,9 @@ class ModelRunner:
             positions += range(c.start, c.start + c.length)
             if c.samples:
                 logits_index.append(len(tokens) - 1)
+        if self.decode_graphs is not None and len(tokens) == len(logits_index) == len(chunks):  # pure decode
+            logits = self.decode_graphs.run(tokens, [c.seq.slot for c in chunks], positions).float()
+            return self.sample(self._mask_vocab(logits), [c.seq for c in chunks])
         batch = self.cache.batch([c.seq.slot for c in chunks], [c.start for c in chunks],
                                  [c.length for c in chunks])
         t = torch.tensor([tokens], device=self.device)
@@ -42,13 +49,16 @@ class ModelRunner:
             self.model(t, p, kv_cache=batch, logits_index=torch.tensor([0], device=self.device))
             return []
         # 2. forward; logits only where a token is sampled: (K, V)
-        logits = self.model(t, p, kv_cache=batch,
-                            logits_index=torch.tensor(logits_index, device=self.device)).float()
-        if self.valid_vocab is not None:
-            logits[:, self.valid_vocab:] = float("-inf")
+        logits = self._mask_vocab(self.model(t, p, kv_cache=batch,
+                                             logits_index=torch.tensor(logits_index, device=self.device)).float())
         # 3. sample
         sampling = [c.seq for c in chunks if c.samples]
         return self.sample(logits, sampling)
+
+    def _mask_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.valid_vocab is not None:
+            logits[:, self.valid_vocab:] = float("-inf")
+        return logits
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         """logits (K, V) fp32, one row per sequence -> next token ids."""
