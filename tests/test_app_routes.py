@@ -353,3 +353,8 @@ def test_q4_server_answers_concurrent_requests_exactly_as_alone(app_checkpoint: 
         r = c.post("/v1/completions", json={**body, "prompt": prompts[0], "stream": True})
         events = [json.loads(e) for e in sse_events(r.text) if e != "[DONE]"]
         assert "".join(e["choices"][0]["text"] for e in events) == alone[0]
+        # /classify scores labels through the engine's scratch-cache scoring path, natively too
+        labels = ["lost_or_stolen_card", "card_arrival", "exchange_rate"]
+        scored = c.post("/classify", json={"text": "I lost my card", "labels": labels}).json()["scores"]
+        assert math.isclose(sum(x["score"] for x in scored), 1.0, rel_tol=1e-6)
+        assert c.post("/classify", json={"text": "I lost my card", "labels": labels}).json()["scores"] == scored
