@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "seedling_cpu.cpp"
-FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-mavx2", "-mfma", "-mf16c",
-         "-fno-math-errno", "-Wall", "-Wno-unused-function"]
+FLAGS = ["-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-mavx2", "-mfma", "-mf16c",
+         "-fno-math-errno", "-Wall"]
 
 
 class NativeUnavailable(RuntimeError):

@@ -76,8 +76,6 @@ inline __m256 exp_ps(__m256 x) {
   return _mm256_mul_ps(y, _mm256_castsi256_ps(pow2n));
 }
 
-inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
-
 // names each phase for the torch profiler (bench/profile_step.py); a flag check when it is off
 #define SEEDLING_PHASE(name) RECORD_FUNCTION("seedling::" name, std::vector<c10::IValue>())
 
