@@ -215,21 +215,33 @@ inline void dot_group(const QuantizedWeight& w, int64_t group, const QuantizedRo
   for (int j = 0; j < MT; ++j) _mm256_storeu_ps(out + j * ldo, acc[j]);
 }
 
+// Activation rows [m0, m1) times weight row groups [g0, g1). Kept out of line: inlined into the
+// tiling loop below, the Q8_0 path spilled registers and ran ~25 % slower.
+template <bool Q4>
+__attribute__((noinline)) void matmul_tile(const QuantizedRows& x, const QuantizedWeight& w, int64_t g0, int64_t g1,
+                                           int64_t m0, int64_t m1, float* out, int64_t ldo) {
+  for (int64_t g = g0; g < g1; ++g) {
+    float* o = out + g * ROWS;
+    int64_t j = m0;
+    for (; j + 4 <= m1; j += 4) dot_group<4, Q4>(w, g, x, j, o + j * ldo, ldo);
+    switch (m1 - j) {
+      case 3: dot_group<3, Q4>(w, g, x, j, o + j * ldo, ldo); break;
+      case 2: dot_group<2, Q4>(w, g, x, j, o + j * ldo, ldo); break;
+      case 1: dot_group<1, Q4>(w, g, x, j, o + j * ldo, ldo); break;
+      default: break;
+    }
+  }
+}
+
+// Each thread takes a range of row groups. Activations go 64 rows at a time (at most ~100 KB of int8:
+// they stay in L2) across all of the thread's groups, so a long prefill re-reads weights from cache
+// instead of streaming every activation row past every weight group.
 template <bool Q4>
 void matmul_impl(const QuantizedRows& x, const QuantizedWeight& w, float* out, int64_t ldo) {
-  const int64_t M = x.rows;
+  constexpr int64_t kRowTile = 64;
   at::parallel_for(0, w.n / ROWS, 4, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g) {
-      float* o = out + g * ROWS;
-      int64_t j = 0;
-      for (; j + 4 <= M; j += 4) dot_group<4, Q4>(w, g, x, j, o + j * ldo, ldo);
-      switch (M - j) {
-        case 3: dot_group<3, Q4>(w, g, x, j, o + j * ldo, ldo); break;
-        case 2: dot_group<2, Q4>(w, g, x, j, o + j * ldo, ldo); break;
-        case 1: dot_group<1, Q4>(w, g, x, j, o + j * ldo, ldo); break;
-        default: break;
-      }
-    }
+    for (int64_t m0 = 0; m0 < x.rows; m0 += kRowTile)
+      matmul_tile<Q4>(x, w, g0, g1, m0, std::min(x.rows, m0 + kRowTile), out, ldo);
   });
 }
 
