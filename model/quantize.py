@@ -273,7 +273,7 @@ class NativeForward:
         if kv_cache is None:  # B independent sequences at positions 0..T-1, in a scratch cache
             if positions is not None and not torch.equal(positions, torch.arange(T).expand(B, T)):
                 raise ValueError("without a KV cache the native forward runs positions 0..T-1")
-            cache = KVCache(self.config, n_slots=B, max_seq_len=T)
+            cache = KVCache(self.config, n_slots=B, max_seq_len=T, dtype=model.cache_dtype)
             k, v = cache.k, cache.v
             slots = torch.arange(B).repeat_interleave(T)
             pos = torch.arange(T).repeat(B)
@@ -296,13 +296,14 @@ def _qdm(linear: nn.Module) -> list[torch.Tensor]:
 
 
 def quantize_q4(model: Transformer) -> Transformer:
-    """Q4_1 projections, a Q8_0 output head, and the native forward (x86-64 CPU with AVX2)."""
+    """Q4_1 projections, a Q8_0 output head, an fp16 KV cache, and the native forward (x86-64 CPU, AVX2)."""
     if model.config.head_dim not in (16, 32, 64, 128):
         raise ValueError(f"q4 supports head_dim 16, 32, 64 or 128, not {model.config.head_dim}")
     native.load()  # NativeUnavailable says why not, before any weight is touched
     replace_linears(model, lambda linear: BlockQuantLinear(
         linear.weight, "q8_0" if linear.out_features == model.config.vocab_size else "q4_1"))
     model.native = NativeForward(model)
+    model.kv_dtype = torch.float16  # half the bytes per cached key and value; attention computes in fp32
     return model
 
 

@@ -150,6 +150,7 @@ class Transformer(nn.Module):
         self.fused = False
         # set by model.quantize (q4): runs the whole forward natively; called as native(self, tokens, ...)
         self.native: Callable[..., torch.Tensor] | None = None
+        self.kv_dtype: torch.dtype | None = None  # the KV cache's dtype when not the weights' (q4: float16)
 
     def init_weights(self, seed: int | None = None) -> Transformer:
         """GPT-2 style init: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layers)."""
@@ -180,6 +181,10 @@ class Transformer(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.embed_tokens.weight.dtype
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        return self.kv_dtype or self.dtype
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 kv_cache: CacheBatch | None = None,

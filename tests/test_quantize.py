@@ -157,16 +157,24 @@ def test_native_forward_matches_the_eager_model_on_the_same_weights(tiny_checkpo
 
 
 @torch.inference_mode()
-def test_native_forward_is_batch_invariant_over_the_kv_cache(tiny_checkpoint):
+@pytest.mark.parametrize("kv_dtype", [torch.float16, torch.float32])
+def test_native_forward_is_batch_invariant_over_the_kv_cache(tiny_checkpoint, kv_dtype):
     """Chunked prefill, decode, and packing with another sequence give bit-identical logits to one
-    full forward: every token is computed on its own (its own activation scales, its own attention)."""
+    full forward: every token is computed on its own (its own activation scales, its own attention).
+    q4 keeps K/V in fp16; the native attention also reads an fp32 cache."""
     from model.kv_cache import KVCache
 
     model = q4_model(tiny_checkpoint)
+    assert model.cache_dtype == torch.float16
     a = torch.randint(0, 400, (1, 30), generator=torch.Generator().manual_seed(1))
     b = torch.randint(0, 400, (1, 12), generator=torch.Generator().manual_seed(2))
+    if kv_dtype == torch.float32:
+        fp16_a = model(a)[0]
+        model.kv_dtype = torch.float32
     full_a, full_b = model(a)[0], model(b)[0]
-    cache = KVCache(model.config, n_slots=3, max_seq_len=64)
+    if kv_dtype == torch.float32:  # fp16 K/V round, they do not change the result much
+        assert relative_error(fp16_a, full_a) < 0.01 and not torch.equal(fp16_a, full_a)
+    cache = KVCache(model.config, n_slots=3, max_seq_len=64, dtype=kv_dtype)
     # a: prefill 0..19 in slot 2, then a mixed step packing a's 20..28 with all of b (slot 0)
     model(a[:, :20], kv_cache=cache.batch([2], [0], [20]), logits_index=torch.tensor([19]))
     packed = torch.cat([a[:, 20:29], b], dim=1)

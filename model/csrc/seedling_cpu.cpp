@@ -314,18 +314,27 @@ void apply_rotary(float* qkv, int64_t n_tokens, const LayerShape& s, const float
   }
 }
 
-// K/V cache views for one layer: (slots, kv_heads, max_len, head_dim) fp32
+// K/V cache views for one layer: (slots, kv_heads, max_len, head_dim), fp32 or fp16 (half the bytes
+// to read per key; attention still computes in fp32)
+template <typename T>
 struct LayerCache {
-  float* k;
-  float* v;
+  T* k;
+  T* v;
   int64_t max_len;
-  float* key(int64_t slot, int64_t g, int64_t pos, const LayerShape& s) const {
+  T* key(int64_t slot, int64_t g, int64_t pos, const LayerShape& s) const {
     return k + ((slot * s.n_kv_heads + g) * max_len + pos) * s.head_dim;
   }
-  float* value(int64_t slot, int64_t g, int64_t pos, const LayerShape& s) const {
+  T* value(int64_t slot, int64_t g, int64_t pos, const LayerShape& s) const {
     return v + ((slot * s.n_kv_heads + g) * max_len + pos) * s.head_dim;
   }
 };
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void store8(at::Half* p, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
 
 // 8 dot-product accumulators -> one register holding their 8 sums (in order)
 inline __m256 reduce8(const __m256* a) {
@@ -336,8 +345,8 @@ inline __m256 reduce8(const __m256* a) {
 
 // softmax(q . keys[0..n) * scale) . values[0..n) for one query head, head_dim = 8 * HD8.
 // The arithmetic order depends only on n, never on what else is in the batch.
-template <int HD8>
-void attend_head(const float* q, const float* keys, const float* values, int64_t n, float scale, float* scores,
+template <int HD8, typename T>
+void attend_head(const float* q, const T* keys, const T* values, int64_t n, float scale, float* scores,
                  float* out) {
   constexpr int64_t hd = 8 * HD8;
   __m256 qv[HD8];
@@ -347,9 +356,9 @@ void attend_head(const float* q, const float* keys, const float* values, int64_t
   for (; j + 8 <= n; j += 8) {  // 8 keys at a time, one horizontal reduction for all 8
     __m256 acc[8];
     for (int k = 0; k < 8; ++k) {
-      const float* key = keys + (j + k) * hd;
-      __m256 a = _mm256_mul_ps(qv[0], _mm256_loadu_ps(key));
-      for (int i = 1; i < HD8; ++i) a = _mm256_fmadd_ps(qv[i], _mm256_loadu_ps(key + 8 * i), a);
+      const T* key = keys + (j + k) * hd;
+      __m256 a = _mm256_mul_ps(qv[0], load8(key));
+      for (int i = 1; i < HD8; ++i) a = _mm256_fmadd_ps(qv[i], load8(key + 8 * i), a);
       acc[k] = a;
     }
     const __m256 sc = reduce8(acc);
@@ -358,9 +367,9 @@ void attend_head(const float* q, const float* keys, const float* values, int64_t
   }
   float mx = hmax(vmax);
   for (; j < n; ++j) {
-    const float* key = keys + j * hd;
-    __m256 a = _mm256_mul_ps(qv[0], _mm256_loadu_ps(key));
-    for (int i = 1; i < HD8; ++i) a = _mm256_fmadd_ps(qv[i], _mm256_loadu_ps(key + 8 * i), a);
+    const T* key = keys + j * hd;
+    __m256 a = _mm256_mul_ps(qv[0], load8(key));
+    for (int i = 1; i < HD8; ++i) a = _mm256_fmadd_ps(qv[i], load8(key + 8 * i), a);
     scores[j] = hsum(a);
     mx = std::max(mx, scores[j]);
   }
@@ -376,8 +385,8 @@ void attend_head(const float* q, const float* keys, const float* values, int64_t
   for (int i = 0; i < HD8; ++i) o[i] = _mm256_setzero_ps();
   for (j = 0; j < n; ++j) {
     const __m256 p = _mm256_set1_ps(scores[j]);
-    const float* value = values + j * hd;
-    for (int i = 0; i < HD8; ++i) o[i] = _mm256_fmadd_ps(p, _mm256_loadu_ps(value + 8 * i), o[i]);
+    const T* value = values + j * hd;
+    for (int i = 0; i < HD8; ++i) o[i] = _mm256_fmadd_ps(p, load8(value + 8 * i), o[i]);
   }
   const __m256 inv = _mm256_set1_ps(1.0f / sum);
   for (int i = 0; i < HD8; ++i) _mm256_storeu_ps(out + 8 * i, _mm256_mul_ps(o[i], inv));
@@ -386,8 +395,9 @@ void attend_head(const float* q, const float* keys, const float* values, int64_t
 // Causal attention of every packed token over its own sequence's cache row, positions [0, pos].
 // Work items are (token, kv head); tokens are visited short-long-short-long (a prefill's costs grow
 // with position), so the contiguous ranges parallel_for hands each thread cost about the same.
+template <typename T>
 void attend(const float* qkv, int64_t n_tokens, const int64_t* slots, const int64_t* positions,
-            const LayerCache& cache, const LayerShape& s, float* out) {
+            const LayerCache<T>& cache, const LayerShape& s, float* out) {
   SEEDLING_PHASE("attention");
   const int64_t group = s.n_heads / s.n_kv_heads, hd = s.head_dim;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
@@ -398,21 +408,36 @@ void attend(const float* qkv, int64_t n_tokens, const int64_t* slots, const int6
       const int64_t t = (k % 2 == 0) ? k / 2 : n_tokens - 1 - k / 2;
       const int64_t n_keys = positions[t] + 1;
       scores.resize(n_keys);
-      const float* keys = cache.key(slots[t], g, 0, s);
-      const float* values = cache.value(slots[t], g, 0, s);
+      const T* keys = cache.key(slots[t], g, 0, s);
+      const T* values = cache.value(slots[t], g, 0, s);
       for (int64_t h = g * group; h < (g + 1) * group; ++h) {
         const float* q = qkv + t * s.qkv_width() + h * hd;
         float* o = out + (t * s.n_heads + h) * hd;
         switch (hd) {
-          case 16: attend_head<2>(q, keys, values, n_keys, scale, scores.data(), o); break;
-          case 32: attend_head<4>(q, keys, values, n_keys, scale, scores.data(), o); break;
-          case 64: attend_head<8>(q, keys, values, n_keys, scale, scores.data(), o); break;
-          case 128: attend_head<16>(q, keys, values, n_keys, scale, scores.data(), o); break;
+          case 16: attend_head<2, T>(q, keys, values, n_keys, scale, scores.data(), o); break;
+          case 32: attend_head<4, T>(q, keys, values, n_keys, scale, scores.data(), o); break;
+          case 64: attend_head<8, T>(q, keys, values, n_keys, scale, scores.data(), o); break;
+          case 128: attend_head<16, T>(q, keys, values, n_keys, scale, scores.data(), o); break;
           default: break;  // checked by forward_op
         }
       }
     }
   });
+}
+
+// Write the packed tokens' new K/V into their cache rows, then attend.
+template <typename T>
+void attention(const float* qkv, int64_t n_tokens, const int64_t* slots, const int64_t* positions,
+               const LayerCache<T>& cache, const LayerShape& s, float* out) {
+  for (int64_t t = 0; t < n_tokens; ++t)
+    for (int64_t g = 0; g < s.n_kv_heads; ++g) {
+      const float* k = qkv + t * s.qkv_width() + (s.n_heads + g) * s.head_dim;
+      const float* v = k + s.n_kv_heads * s.head_dim;
+      T* k_dst = cache.key(slots[t], g, positions[t], s);
+      T* v_dst = cache.value(slots[t], g, positions[t], s);
+      for (int64_t i = 0; i < s.head_dim; i += 8) store8(k_dst + i, load8(k + i)), store8(v_dst + i, load8(v + i));
+    }
+  attend(qkv, n_tokens, slots, positions, cache, s, out);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -438,9 +463,11 @@ at::Tensor forward_op(const at::Tensor& x_in, const at::Tensor& slots_t, const a
                       const at::Tensor& v_cache, const at::Tensor& inv_freq_t, int64_t n_heads, int64_t n_kv_heads,
                       double eps_d) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "x must be (tokens, dim) float32");
-  TORCH_CHECK(k_cache.scalar_type() == at::kFloat && k_cache.is_contiguous() && v_cache.is_contiguous() &&
-                  k_cache.dim() == 5 && k_cache.sizes() == v_cache.sizes(),
-              "K/V caches must be contiguous float32 (layers, slots, kv_heads, max_len, head_dim)");
+  const bool half_cache = k_cache.scalar_type() == at::kHalf;
+  TORCH_CHECK((half_cache || k_cache.scalar_type() == at::kFloat) && v_cache.scalar_type() == k_cache.scalar_type() &&
+                  k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 5 &&
+                  k_cache.sizes() == v_cache.sizes(),
+              "K/V caches must be contiguous float32 or float16 (layers, slots, kv_heads, max_len, head_dim)");
   const int64_t n_layers = k_cache.size(0), n_tokens = x_in.size(0), dim = x_in.size(1);
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == n_layers * kTensorsPerLayer + 4, "expected ",
               n_layers * kTensorsPerLayer + 4, " weight tensors, got ", weights.size());
@@ -484,20 +511,18 @@ at::Tensor forward_op(const at::Tensor& x_in, const at::Tensor& slots_t, const a
 
   for (int64_t l = 0; l < n_layers; ++l) {
     const int64_t base = l * kTensorsPerLayer;
-    const LayerCache cache{k_cache[l].data_ptr<float>(), v_cache[l].data_ptr<float>(), max_len};
     // attention
     rms_norm(x, n_tokens, dim, weights[base].data_ptr<float>(), eps, h.data());
     xq.quantize(h.data(), n_tokens, dim, dim);
     matmul(xq, weight(base + 1), qkv.data(), s.qkv_width());
     apply_rotary(qkv.data(), n_tokens, s, cos.data(), sin.data());
-    for (int64_t t = 0; t < n_tokens; ++t)
-      for (int64_t g = 0; g < n_kv_heads; ++g) {
-        const float* kv = qkv.data() + t * s.qkv_width() + (n_heads + g) * s.head_dim;
-        std::copy(kv, kv + s.head_dim, cache.key(slots[t], g, positions[t], s));
-        const float* vv = kv + n_kv_heads * s.head_dim;
-        std::copy(vv, vv + s.head_dim, cache.value(slots[t], g, positions[t], s));
-      }
-    attend(qkv.data(), n_tokens, slots, positions, cache, s, attn.data());
+    if (half_cache)
+      attention(qkv.data(), n_tokens, slots, positions,
+                LayerCache<at::Half>{k_cache[l].data_ptr<at::Half>(), v_cache[l].data_ptr<at::Half>(), max_len}, s,
+                attn.data());
+    else
+      attention(qkv.data(), n_tokens, slots, positions,
+                LayerCache<float>{k_cache[l].data_ptr<float>(), v_cache[l].data_ptr<float>(), max_len}, s, attn.data());
     xq.quantize(attn.data(), n_tokens, n_heads * s.head_dim, n_heads * s.head_dim);
     matmul(xq, weight(base + 4), proj.data(), dim);
     add_into_residual(proj.data());

@@ -95,7 +95,7 @@ class LLMEngine:
         if config.max_model_len > model.config.max_seq_len:
             log.warning("max_model_len %d exceeds the model's trained length %d", config.max_model_len,
                         model.config.max_seq_len)
-        need = KVCache.bytes_needed(model.config, config.max_num_seqs, config.max_model_len, model.dtype)
+        need = KVCache.bytes_needed(model.config, config.max_num_seqs, config.max_model_len, model.cache_dtype)
         if config.max_kv_cache_bytes is not None and need > config.max_kv_cache_bytes:
             raise ValueError(f"KV cache needs {need / 2**20:.0f} MiB for {config.max_num_seqs} sequences x "
                              f"{config.max_model_len} tokens, over the {config.max_kv_cache_bytes / 2**20:.0f} "

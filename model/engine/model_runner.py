@@ -22,7 +22,7 @@ class ModelRunner:
         self.valid_vocab = valid_vocab if valid_vocab and valid_vocab < model.config.vocab_size else None
         graphs = cuda_graphs and self.device.type == "cuda" and model.native is None
         # with CUDA graphs one more cache row takes the padding rows' K/V (never a sequence's slot)
-        self.cache = KVCache(model.config, n_slots + graphs, max_seq_len, dtype=model.dtype, device=self.device)
+        self.cache = KVCache(model.config, n_slots + graphs, max_seq_len, dtype=model.cache_dtype, device=self.device)
         self.decode_graphs = DecodeGraphs(model, self.cache, n_slots, scratch_slot=n_slots) if graphs else None
 
     @torch.inference_mode()
@@ -88,7 +88,7 @@ class ModelRunner:
         P = len(prompt_ids)
         width = P + max(len(c) for c in continuations)
         rows = min(group, len(continuations))
-        cache = KVCache(self.model.config, rows, width, dtype=self.model.dtype, device=self.device)
+        cache = KVCache(self.model.config, rows, width, dtype=self.model.cache_dtype, device=self.device)
         first = self.model(torch.tensor([prompt_ids], device=self.device), torch.arange(P, device=self.device)[None],
                            kv_cache=cache.batch([0], [0], [P]),
                            logits_index=torch.tensor([P - 1], device=self.device)).float().log_softmax(-1)[0]  # (V,)
