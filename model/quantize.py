@@ -8,9 +8,9 @@ measured by `bench/quality.py` (perplexity and greedy agreement against the unqu
   it is what makes a 2-core CPU fast at batch > 1: int8 multiply-adds (AVX2 `vpmaddubsw`) do twice the
   work per instruction of fp32 FMAs, and at batch 1 it still reads a quarter of the bytes.
 * `q4` — llama.cpp's block formats: Q4_1 projections (4-bit, a scale and a minimum per 32 weights),
-  a Q8_0 output head, and int8 activations in blocks of 32, run by the native CPU forward
-  (`model/csrc/seedling_cpu.cpp`): one C++ call per step instead of thousands of PyTorch ops. The
-  default SmolLM2 model is itself a Q4_1/Q8_0 GGUF, so for it these weights are the file's own.
+  a Q8_0 output head, int8 activations in blocks of 32 and an fp16 KV cache, run by the native CPU
+  forward (`model/csrc/seedling_cpu.cpp`): one C++ call per step instead of thousands of PyTorch ops.
+  The default SmolLM2 model is itself a Q4_1/Q8_0 GGUF, so for it these weights are the file's own.
 """
 
 from __future__ import annotations
