@@ -300,8 +300,8 @@ def quantize_q4(model: Transformer) -> Transformer:
     if model.config.head_dim not in (16, 32, 64, 128):
         raise ValueError(f"q4 supports head_dim 16, 32, 64 or 128, not {model.config.head_dim}")
     native.load()  # NativeUnavailable says why not, before any weight is touched
-    replace_linears(model, lambda linear: BlockQuantLinear(
-        linear.weight, "q8_0" if linear.out_features == model.config.vocab_size else "q4_1"))
+    head = model.lm_head  # Q8_0, as the GGUF's; chosen by identity, not by a shape a projection could share
+    replace_linears(model, lambda linear: BlockQuantLinear(linear.weight, "q8_0" if linear is head else "q4_1"))
     model.native = NativeForward(model)
     model.kv_dtype = torch.float16  # half the bytes per cached key and value; attention computes in fp32
     return model
@@ -332,15 +332,14 @@ def optimize_for_inference(model: Transformer, quantize: str | None = None, toke
         return model
     if current is not None:
         raise ValueError(f"model is already quantized ({current})")
+    if quantize != "int8" and (model.device.type != "cpu" or model.dtype != torch.float32):
+        kernels = "native kernels" if quantize == "q4" else "fbgemm"
+        raise ValueError(f"{quantize} runs on CPU with float32 activations ({kernels}); use int8 on other devices")
     if quantize == "int8":
         replace_linears(model, lambda linear: Int8Linear(linear, model.dtype))
     elif quantize == "q4":
-        if model.device.type != "cpu" or model.dtype != torch.float32:
-            raise ValueError("q4 runs on CPU with float32 activations (native kernels); use int8 on other devices")
         quantize_q4(model)
     else:
-        if model.device.type != "cpu" or model.dtype != torch.float32:
-            raise ValueError("w8a8 runs on CPU with float32 activations (fbgemm); use int8 on other devices")
         if tokenizer is None:
             raise ValueError("w8a8 needs the tokenizer to calibrate")
         quantize_w8a8(model, tokenizer.encode(CALIBRATION_TEXT)[:model.config.max_seq_len])
