@@ -11,18 +11,20 @@ Request models validate once at the edge and convert themselves to `SamplingPara
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from model.sampling import SamplingParams
+from model.sampling import MAX_LOGIT_BIAS, MAX_STOP_CHARS, MAX_STOPS, SamplingParams
 
 from .errors import InvalidRequest
 
 MAX_SEED = 2**63 - 1
 MIN_PENALTY = 0.01  # smaller repetition penalties overflow fp32 logits (x / 1e-157 = inf)
+_TOKEN_ID = re.compile(r"[0-9]{1,10}", re.ASCII)  # a logit_bias key
 GREEDY_BELOW = 1e-5  # temperatures below this are greedy (logits / 1e-300 is inf in fp32)
 
 
@@ -38,6 +40,7 @@ class Limits:
     max_tokens_default: int
     max_tokens_limit: int
     max_batch_items: int
+    vocab_size: int | None = None  # token ids (logit_bias keys) must be below it
 
 
 class _Strict(BaseModel):
@@ -125,9 +128,22 @@ def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
     stops = (stop,) if isinstance(stop, str) else tuple(stop)
     if any(not s for s in stops):
         raise InvalidRequest("stop strings must be non-empty", param="stop", code="invalid_value")
-    if len(stops) > 16:
-        raise InvalidRequest("at most 16 stop strings", param="stop", code="invalid_value")
+    if len(stops) > MAX_STOPS:
+        raise InvalidRequest(f"at most {MAX_STOPS} stop strings", param="stop", code="invalid_value")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise InvalidRequest(f"stop strings must be at most {MAX_STOP_CHARS} characters", param="stop",
+                             code="invalid_value")
     return stops
+
+
+def _logit_bias(bias: dict[str, float] | None, limits: Limits) -> dict[int, float]:
+    ids = {int(k): float(v) for k, v in (bias or {}).items()}
+    if limits.vocab_size is not None:
+        outside = [i for i in ids if i >= limits.vocab_size]
+        if outside:
+            raise InvalidRequest(f"logit_bias token id {outside[0]} is outside the vocabulary "
+                                 f"[0, {limits.vocab_size})", param="logit_bias", code="invalid_value")
+    return ids
 
 
 def check_batch(items: list[Any], limits: Limits, param: str) -> None:
@@ -326,9 +342,12 @@ class OpenAISampling(_Lenient):
     @field_validator("logit_bias")
     @classmethod
     def _bias_keys(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        """Keys are plain ASCII token ids: `str.isdigit` also accepts "²" or "٣", which `int` refuses."""
+        if value is not None and len(value) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} entries, got {len(value)}")
         for key in value or {}:
-            if not key.strip().lstrip("-").isdigit():
-                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+            if not _TOKEN_ID.fullmatch(key):
+                raise ValueError(f"keys must be token ids (ASCII digits), got {key[:20]!r}")
         return value
 
     def base_params(self, limits: Limits, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
@@ -344,7 +363,7 @@ class OpenAISampling(_Lenient):
             presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
             seed=self.seed, stop=_stops(self.stop), ignore_eos=bool(self.ignore_eos),
             min_tokens=self.min_tokens or 0, logprobs=logprobs,
-            logit_bias={int(k): float(v) for k, v in (self.logit_bias or {}).items()})
+            logit_bias=_logit_bias(self.logit_bias, limits))
 
     @property
     def include_usage(self) -> bool:

@@ -7,11 +7,18 @@ from its `seed`: its tokens then do not depend on what else shares the batch.
 
 from __future__ import annotations
 
+import math
+import reprlib
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+MAX_LOGIT_BIAS = 300  # logit_bias entries per request (OpenAI's limit)
+MAX_BIAS = 100.0  # |bias| per entry (OpenAI's range)
+MAX_STOPS = 16  # stop strings per request
+MAX_STOP_CHARS = 256  # characters per stop string (the engine's matcher holds this many back at most)
 
 
 class SamplingError(ValueError):
@@ -38,11 +45,20 @@ class SamplingParams:
     ignore_eos: bool = False  # keep generating past EOS (benchmarks)
     min_tokens: int = 0  # EOS/stop ids are masked until this many tokens exist
     logprobs: int | None = None  # return log-probabilities of the chosen and top-n tokens
-    logit_bias: dict[int, float] = field(default_factory=dict)
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit each step
+    # logit_bias as (ids, values) tensors, built once here so each step applies it in one add
+    _bias: tuple[torch.Tensor, torch.Tensor] | None = field(init=False, repr=False, compare=False, default=None)
 
     def __post_init__(self) -> None:
         self.stop_token_ids = tuple(self.stop_token_ids)
         self.stop = tuple(self.stop)
+        self._check()
+        if self.logit_bias:
+            self._bias = (torch.tensor(list(self.logit_bias), dtype=torch.long),
+                          torch.tensor(list(self.logit_bias.values()), dtype=torch.float32))
+
+    def _check(self) -> None:
+        bias = self.logit_bias
         checks = [
             (self.max_tokens >= 1, "max_tokens", "must be >= 1"),
             (self.temperature >= 0, "temperature", "must be >= 0"),
@@ -55,10 +71,22 @@ class SamplingParams:
             (self.min_tokens >= 0, "min_tokens", "must be >= 0"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be in [0, 20]"),
             (all(s for s in self.stop), "stop", "stop strings must be non-empty"),
+            (len(self.stop) <= MAX_STOPS, "stop", f"must have at most {MAX_STOPS} strings"),
+            (all(len(s) <= MAX_STOP_CHARS for s in self.stop), "stop",
+             f"strings must be at most {MAX_STOP_CHARS} characters"),
+            (len(bias) <= MAX_LOGIT_BIAS, "logit_bias", f"must have at most {MAX_LOGIT_BIAS} entries"),
+            (all(isinstance(k, int) and k >= 0 for k in bias), "logit_bias", "keys must be token ids >= 0"),
+            (all(math.isfinite(v) and abs(v) <= MAX_BIAS for v in bias.values()), "logit_bias",
+             f"values must be in [-{MAX_BIAS:g}, {MAX_BIAS:g}]"),
         ]
         for ok, name, why in checks:
             if not ok:
-                raise SamplingError(f"{name} {why}, got {getattr(self, name)!r}", param=name)
+                raise SamplingError(f"{name} {why}, got {reprlib.repr(getattr(self, name))}", param=name)
+
+    @property
+    def bias_tensors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """logit_bias as CPU (ids (n,) long, values (n,) fp32), or None when there is none."""
+        return self._bias
 
     @property
     def greedy(self) -> bool:
@@ -101,9 +129,9 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, prompt_ids: Seq
         ids = torch.tensor(list(counts), dtype=torch.long, device=logits.device)
         freq = torch.tensor(list(counts.values()), dtype=logits.dtype, device=logits.device)
         logits[ids] -= params.frequency_penalty * freq + params.presence_penalty
-    for token_id, bias in params.logit_bias.items():
-        if 0 <= token_id < logits.numel():
-            logits[token_id] += bias
+    if params.bias_tensors is not None:  # ids were checked against the vocabulary when the request was added
+        ids, values = params.bias_tensors
+        logits.index_add_(0, ids.to(logits.device), values.to(logits.device))
     if banned_ids:
         logits[torch.tensor(list(banned_ids), dtype=torch.long, device=logits.device)] = float("-inf")
     return logits

@@ -23,7 +23,7 @@ from model.engine.model_runner import ModelRunner
 from model.engine.scheduler import Scheduler
 from model.engine.sequence import FinishReason, RequestOutput, Sequence, SequenceStatus
 from model.kv_cache import KVCache
-from model.sampling import SamplingParams, make_generator
+from model.sampling import SamplingError, SamplingParams, make_generator
 from model.transformer import Transformer
 
 if TYPE_CHECKING:
@@ -124,6 +124,8 @@ class LLMEngine:
         vocab = self.model.config.vocab_size
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise RequestRejected(f"prompt contains token ids outside [0, {vocab})")
+        if params.logit_bias and max(params.logit_bias) >= vocab:  # an index_add_ past the row would kill the step
+            raise SamplingError(f"logit_bias token ids must be in [0, {vocab})", param="logit_bias")
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self._base_stop_ids)
         detok = IncrementalDetokenizer(self.tokenizer.token_bytes, params.stop) if self.tokenizer else None
         seq = Sequence(request_id, prompt_ids, params, stop_ids, make_generator(params, self.runner.device),
