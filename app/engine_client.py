@@ -7,7 +7,7 @@ Must not: run a forward pass on the event loop, know about HTTP, or hold schedul
 
     client = EngineClient(engine, admission_limit=80).start()
     with client.reserve(1):                                   # 429 Overloaded / 503 Unavailable
-        async for out in client.generate("req-1", prompt_ids, params):
+        async for out in client.generate("req-1", prompt_ids, params):  # "req-1": a label for logs
             ...                                               # RequestOutput deltas
     scores = await client.score(prompt_ids, [cont_a, cont_b]) # runs on the engine thread too
 
@@ -16,6 +16,10 @@ stream; the engine thread drains commands between steps, calls `engine.step()`, 
 step's outputs to the right event loop with ONE `call_soon_threadsafe` per loop per step.
 If `step()` raises, every open stream gets the error, `failure` is set (/health turns red) and
 the thread stops; nothing is retried.
+
+Engine request keys are made here (a counter), never taken from the caller: a client-chosen
+X-Request-Id may collide with another request's, and a key collision would reject one request
+and let an abort of it end the other's stream.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import itertools
 import logging
 import queue
 import threading
@@ -34,7 +39,7 @@ from typing import Any
 
 from model.sampling import SamplingParams
 
-from .errors import DeadlineExceeded, EngineDead, Overloaded, RequestAborted, Unavailable
+from .errors import DeadlineExceeded, EngineDead, Overloaded, RequestAborted, Unavailable, to_api_error
 
 log = logging.getLogger("seedling.engine_client")
 
@@ -44,7 +49,8 @@ log = logging.getLogger("seedling.engine_client")
 
 @dataclass
 class RequestStream:
-    request_id: str
+    request_id: str  # the engine's key: unique, made by EngineClient
+    label: str  # the caller's name for it (logs only)
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
     t_created: float = field(default_factory=time.perf_counter)
@@ -87,6 +93,7 @@ class EngineClient:
         self._streams: dict[str, RequestStream] = {}  # engine thread only
         self._lock = threading.Lock()
         self._in_flight = 0
+        self._keys = itertools.count()
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -149,14 +156,15 @@ class EngineClient:
             assert self._in_flight >= 0, "released more than reserved"
 
     # ------------------------------------------------------------------ requests
-    async def generate(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
+    async def generate(self, label: str, prompt_ids: Sequence[int], params: SamplingParams,
                        deadline: float | None = None, timer: Any = None) -> AsyncIterator[Any]:
         """Yield RequestOutputs until one is finished. Leaving early (disconnect, cancellation, or
         `deadline` (loop.time()) passing -> DeadlineExceeded) aborts the request in the engine and
-        frees its cache slot. `timer.on_output(out, t_added)` sees every output (metrics)."""
+        frees its cache slot. `label` names it in logs only (the engine key is made here).
+        `timer.on_output(out, t_added)` sees every output (metrics)."""
         self._check_alive()
         loop = asyncio.get_running_loop()
-        stream = RequestStream(request_id, loop)
+        stream = RequestStream(f"seq-{next(self._keys)}", label, loop)
         self._commands.put(("add", stream, list(prompt_ids), params))
         alarm = None
         if deadline is not None:
@@ -179,7 +187,7 @@ class EngineClient:
             if alarm is not None:
                 alarm.cancel()
             if not stream.done:
-                self._commands.put(("abort", request_id))
+                self._commands.put(("abort", stream.request_id))
 
     async def score(self, prompt_ids: Sequence[int], continuations: Sequence[Sequence[int]]) -> list[float]:
         """engine.score on the engine thread: sum log p(continuation | prompt) per continuation."""
@@ -191,9 +199,6 @@ class EngineClient:
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         self._commands.put(("call", future, fn, args))
         return await asyncio.wrap_future(future)
-
-    def abort(self, request_id: str) -> None:
-        self._commands.put(("abort", request_id))
 
     def _check_alive(self) -> None:
         if self.failure is not None:
@@ -235,7 +240,7 @@ class EngineClient:
             try:
                 self.engine.add_request(stream.request_id, prompt_ids, params)
             except Exception as exc:  # a request error (too long, rejected): only this stream
-                self._deliver(stream, exc)
+                self._deliver(stream, _api_error(exc))
                 return
             stream.t_added = time.perf_counter()
             self._streams[stream.request_id] = stream
@@ -249,7 +254,7 @@ class EngineClient:
                 try:
                     future.set_result(fn(*args))
                 except Exception as exc:
-                    future.set_exception(exc)
+                    future.set_exception(_api_error(exc))
         else:  # pragma: no cover - our own commands only
             raise AssertionError(f"unknown command {kind!r}")
 
@@ -290,6 +295,15 @@ class EngineClient:
                 self._deliver(command[1], error)
             elif command[0] == "call" and command[1].set_running_or_notify_cancel():
                 command[1].set_exception(error)
+
+
+def _api_error(exc: Exception) -> Exception:
+    """The engine's request errors as the HTTP layer's (400 naming the field); anything else is a bug
+    in this request's handling: logged here, a 500 for this request only."""
+    error = to_api_error(exc)
+    if error is not exc and error.status >= 500:
+        log.error("engine rejected a request with an unexpected error", exc_info=exc)
+    return error
 
 
 def _put_many(items: list[tuple[RequestStream, Any]]) -> None:

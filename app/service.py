@@ -68,7 +68,8 @@ class Service:
         self.meta = meta
         self.metrics = metrics
         self.max_model_len = settings.max_model_len
-        self.limits = Limits(settings.max_tokens_default, settings.max_tokens_limit, settings.max_batch_items)
+        self.limits = Limits(settings.max_tokens_default, settings.max_tokens_limit, settings.max_batch_items,
+                             vocab_size=tokenizer.vocab_size)
 
     # ------------------------------------------------------------------ prompts
     def chat_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:
@@ -156,7 +157,7 @@ class Service:
         with self.client.reserve(len(items)):
             coros = [self.complete(_item_id(request_id, i, len(items)), ids, params, endpoint, deadline)
                      for i, (ids, params) in enumerate(items)]
-            return await until_disconnect(request, asyncio.gather(*coros))
+            return await until_disconnect(request, all_or_none(coros))
 
     # ------------------------------------------------------------------ classify
     def default_labels(self, label_set: str | None = None) -> list[str]:
@@ -256,6 +257,19 @@ def _outcome_of(exc: BaseException) -> str:
     if isinstance(exc, ApiError):
         return exc.kind
     return to_api_error(exc).kind
+
+
+async def all_or_none(coros: Sequence[Awaitable[T]]) -> list[T]:
+    """Await every item of a batch; the first failure cancels the others and waits until they have
+    stopped (aborted in the engine) before it is raised, so the batch's admission slots are released
+    only when none of its items still decodes."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:

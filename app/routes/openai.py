@@ -172,9 +172,10 @@ async def completions(body: CompletionRequest, request: Request, svc: Service = 
                         completion_total += out.completion_tokens
                 if body.include_usage:
                     yield sse({**base, "choices": [], "usage": Usage.of(prompt_total, completion_total).model_dump()})
-            finally:
+            finally:  # an item failed or the client left: stop the others before the slots are released
                 for task in tasks:
                     task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
 
         return event_stream(svc, events, n_items=len(items))
     results = await svc.complete_many(request, rid, items, "completions")

@@ -1,0 +1,162 @@
+"""Abusive requests (issue 13, request path): each gets a 4xx naming the field or the documented
+behaviour, never a 500, and never leaks into another request (its engine key, its stream, its
+admission slots).
+
+The engine is slowed or made to fail through `create_app(loader=...)`, as in test_app_engine_client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.settings import ServerSettings
+from model.engine import RequestRejected
+from tests.test_app_engine_client import slow_loader, wait_until
+from tests.test_app_support import (  # noqa: F401 - fixtures
+    USER_HI,
+    app_checkpoint,
+    engine_running,
+    in_flight,
+    make_client,
+    settings_for,
+)
+
+
+@pytest.fixture(scope="module")
+def client(app_checkpoint: Path) -> Iterator[TestClient]:  # noqa: F811
+    with make_client(settings_for(app_checkpoint, max_tokens_limit=200)) as c:
+        yield c
+
+
+def error_of(r) -> dict:
+    body = r.json()
+    assert set(body) == {"error"}, body
+    return body["error"]
+
+
+# ---------------------------------------------------------------------------- logit_bias
+
+@pytest.mark.parametrize("key", ["²", "٣", "𝟓", " 5", "5 ", "+5", "5.0", "-1", "0x5", "", "99999999999999999999"])
+def test_logit_bias_key_that_is_not_a_plain_token_id_is_400(client: TestClient, key: str) -> None:
+    r = client.post("/v1/chat/completions", json={"messages": USER_HI, "max_tokens": 1, "logit_bias": {key: 1}})
+    assert r.status_code == 400, (key, r.text)
+    assert error_of(r)["param"] == "logit_bias"
+
+
+def test_logit_bias_token_id_outside_the_vocabulary_is_400(client: TestClient) -> None:
+    vocab = client.app.state.seedling.service.tokenizer.vocab_size
+    r = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1, "logit_bias": {str(vocab): 1}})
+    assert r.status_code == 400 and error_of(r)["param"] == "logit_bias"
+    assert str(vocab) in error_of(r)["message"]
+    r = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1, "logit_bias": {str(vocab - 1): 1}})
+    assert r.status_code == 200, r.text
+
+
+def test_logit_bias_is_bounded_to_300_entries(client: TestClient) -> None:
+    vocab = client.app.state.seedling.service.tokenizer.vocab_size
+    bias = {str(i): -1.0 for i in range(301)}
+    assert vocab > 301
+    r = client.post("/v1/chat/completions", json={"messages": USER_HI, "max_tokens": 1, "logit_bias": bias})
+    assert r.status_code == 400 and error_of(r)["param"] == "logit_bias"
+    assert "300" in error_of(r)["message"]
+    del bias["300"]
+    r = client.post("/v1/chat/completions", json={"messages": USER_HI, "max_tokens": 1, "logit_bias": bias})
+    assert r.status_code == 200, r.text
+
+
+def test_logit_bias_steers_the_reply(client: TestClient) -> None:
+    """+100 on one token makes greedy decoding pick it every step (the bias is really applied)."""
+    token = 42
+    r = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 4, "temperature": 0, "ignore_eos": True,
+                                             "logit_bias": {str(token): 100}, "logprobs": 0})
+    assert r.status_code == 200, r.text
+    tokens = r.json()["choices"][0]["logprobs"]["tokens"]
+    svc = client.app.state.seedling.service
+    assert tokens == [svc.tokenizer.token_bytes(token).decode("utf-8", "replace")] * 4
+
+
+# ---------------------------------------------------------------------------- request ids and batches
+
+LONG = {"max_tokens": 120, "ignore_eos": True, "temperature": 0}
+
+
+def test_client_request_id_is_only_echoed_never_the_engine_key(app_checkpoint: Path) -> None:  # noqa: F811
+    """`X-Request-Id: atk-1` in flight, then a 4-prompt batch with `X-Request-Id: atk`: its items are
+    not named `cmpl-atk-0..3` in the engine, so nothing collides and nothing is aborted across."""
+    with make_client(settings_for(app_checkpoint, max_tokens_limit=200), loader=slow_loader(0.02)) as client, \
+            ThreadPoolExecutor(1) as pool:
+        first = pool.submit(client.post, "/v1/completions", json={"prompt": "a", **LONG},
+                            headers={"X-Request-Id": "atk-1"})
+        assert wait_until(lambda: engine_running(client) > 0)
+        batch = client.post("/v1/completions", json={"prompt": ["a", "b", "c", "d"], "max_tokens": 3},
+                            headers={"X-Request-Id": "atk"})
+        assert batch.status_code == 200, batch.text
+        assert batch.headers["x-request-id"] == "atk" and len(batch.json()["choices"]) == 4
+        # a streamed batch under the same id that disconnects must not abort the first request
+        with client.stream("POST", "/v1/completions", json={"prompt": ["a", "b"], "stream": True, **LONG},
+                           headers={"X-Request-Id": "atk"}) as s:
+            next(s.iter_lines())
+        done = first.result(timeout=30)
+        assert done.status_code == 200, done.text
+        assert done.headers["x-request-id"] == "atk-1"
+        assert done.json()["usage"]["completion_tokens"] == LONG["max_tokens"]
+        assert wait_until(lambda: in_flight(client) == 0 and engine_running(client) == 0, 5)
+
+
+def rejecting_loader(bad_prompt: list[int], delay_s: float = 0.02):
+    """The engine (slowed) rejects one particular prompt when it is added, as it would a bad item."""
+    def load(settings: ServerSettings):
+        loaded = slow_loader(delay_s)(settings)
+        add = loaded.engine.add_request
+
+        def add_request(request_id, prompt_ids, params):
+            if list(prompt_ids) == bad_prompt:
+                raise RequestRejected("simulated rejection of one batch item")
+            return add(request_id, prompt_ids, params)
+
+        loaded.engine.add_request = add_request
+        return loaded
+    return load
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_failed_batch_item_cancels_its_siblings_and_keeps_the_admission_bound(
+        app_checkpoint: Path, stream: bool) -> None:  # noqa: F811
+    bad = [11, 12, 13]
+    with make_client(settings_for(app_checkpoint, max_tokens_limit=200), loader=rejecting_loader(bad)) as client:
+        body = {"prompt": [[5, 6], [7, 8], [9, 10], bad], "max_tokens": 200, "ignore_eos": True,
+                "temperature": 0, "stream": stream}
+        r = client.post("/v1/completions", json=body)
+        if stream:
+            assert r.status_code == 200
+            assert "simulated rejection" in r.text and r.text.rstrip().endswith("data: [DONE]")
+        else:
+            assert r.status_code == 400 and "simulated rejection" in error_of(r)["message"]
+        # the batch's slots are free (in_flight 0) only if its siblings stopped too: 200 tokens x 20 ms
+        # = 4 s if they kept decoding past the released admission bound
+        assert wait_until(lambda: engine_running(client) == 0, 1.0), "siblings still decoding"
+        assert in_flight(client) == 0
+
+
+# ---------------------------------------------------------------------------- stop strings
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", {"messages": USER_HI}),
+    ("/v1/completions", {"prompt": "hi"}),
+    ("/chat", {"messages": USER_HI}),
+])
+def test_stop_string_length_is_capped(client: TestClient, path: str, body: dict) -> None:
+    from model.sampling import MAX_STOP_CHARS
+
+    r = client.post(path, json={**body, "max_tokens": 2, "stop": ["x" * (MAX_STOP_CHARS + 1)]})
+    assert r.status_code == 400 and error_of(r)["param"] == "stop", r.text
+    assert str(MAX_STOP_CHARS) in error_of(r)["message"]
+    r = client.post(path, json={**body, "max_tokens": 2, "stop": ["x" * MAX_STOP_CHARS] * 16})
+    assert r.status_code == 200, r.text
+    r = client.post(path, json={**body, "max_tokens": 2, "stop": ["x"] * 17})
+    assert r.status_code == 400 and error_of(r)["param"] == "stop"
