@@ -74,3 +74,38 @@ def test_text_that_only_looks_like_a_stop_prefix_is_released():
     assert detok.add(2) == "abc"
     assert detok.add(3) == "d"
     assert detok.flush() == "" and detok.stopped_by is None
+
+
+def first_stop(text: str, stops: list[str]) -> tuple[str, str | None]:
+    """Reference: scan the text; the first stop string to be completed wins (at a tie, the longest)."""
+    for end in range(1, len(text) + 1):
+        ending = [s for s in stops if text[:end].endswith(s)]
+        if ending:
+            stop = max(ending, key=len)
+            return text[:end - len(stop)], stop
+    return text, None
+
+
+def held_back(text: str, stops: list[str]) -> int:
+    """Reference: the longest tail of `text` that is a proper prefix of a stop string."""
+    return max((n for s in stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text("abc é中", min_size=1, max_size=40), stops=st.lists(st.text("abc é中", min_size=1, max_size=5),
+                                                                        min_size=1, max_size=4), data=st.data())
+def test_stop_strings_match_the_reference_whatever_the_token_boundaries(text, stops, data):
+    """Overlapping stop strings ("abcd" and "bc") give the same cut however the text is split into
+    tokens, and every delta releases all text that can no longer start a stop string."""
+    raw = text.encode()
+    cuts = sorted(data.draw(st.sets(st.integers(1, len(raw) - 1), max_size=len(raw))) if len(raw) > 1 else [])
+    pieces = [raw[a:b] for a, b in zip([0, *cuts], [*cuts, len(raw)], strict=True)]
+    detok = IncrementalDetokenizer(pieces.__getitem__, stop=stops)
+    shown = ""
+    for i in range(len(pieces)):
+        shown += detok.add(i)
+        if detok.stopped_by is None:  # the decoded text so far (a split character is not out yet)
+            complete = raw[:sum(map(len, pieces[:i + 1]))].decode("utf-8", errors="ignore")
+            assert shown == complete[:len(complete) - held_back(complete, stops)]
+    shown += detok.flush()
+    assert (shown, detok.stopped_by) == first_stop(text, stops)

@@ -4,6 +4,9 @@ Tokens are turned into raw bytes (`Tokenizer.token_bytes`) and fed to an increme
 so a character split across byte-fallback or byte-level BPE tokens is emitted only once complete:
 a stream never shows U+FFFD for valid text. Stop strings are matched on the decoded text; any tail
 that could still grow into a stop string is held back, and the stop string itself is never emitted.
+The first stop string to be completed wins (the longest, if several end at the same character), so
+the cut does not depend on where the token boundaries fall; matching costs O(new characters) per
+token (`StopMatcher`), not a rescan of the text.
 """
 
 from __future__ import annotations
@@ -11,13 +14,14 @@ from __future__ import annotations
 import codecs
 from collections.abc import Callable, Sequence
 
+from model.engine.stop_matcher import StopMatcher
+
 
 class IncrementalDetokenizer:
     def __init__(self, token_bytes: Callable[[int], bytes], stop: Sequence[str] = ()) -> None:
         self._token_bytes = token_bytes
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._stop = tuple(stop)
-        self._max_stop = max((len(s) for s in self._stop), default=0)
+        self._matcher = StopMatcher(stop) if stop else None
         self.text = ""  # all decoded text (stop string and what follows it cut off once matched)
         self._emitted = 0  # chars of self.text already returned
         self.stopped_by: str | None = None
@@ -29,16 +33,17 @@ class IncrementalDetokenizer:
         new = self._decoder.decode(self._token_bytes(token_id))
         if not new:
             return ""
-        search_from = max(0, len(self.text) - self._max_stop + 1)
+        start = len(self.text)
         self.text += new
-        if self._stop:
-            hit = self._find_stop(search_from)
-            if hit is not None:
-                index, stop = hit
-                self.text = self.text[:index]
-                self.stopped_by = stop
-                return self.flush()
-        return self._take(len(self.text) - self._held_back())
+        if self._matcher is None:
+            return self._take(len(self.text))
+        hit = self._matcher.feed(new)
+        if hit is not None:
+            last, stop = hit
+            self.text = self.text[:start + last + 1 - len(stop)]
+            self.stopped_by = stop
+            return self.flush()
+        return self._take(len(self.text) - self._matcher.held_back)
 
     def flush(self) -> str:
         """Everything not yet emitted (call when the sequence finishes)."""
@@ -47,24 +52,6 @@ class IncrementalDetokenizer:
         return self._take(len(self.text))
 
     # ----------------------------------------------------------------------------------- helpers
-    def _find_stop(self, start: int) -> tuple[int, str] | None:
-        best: tuple[int, str] | None = None
-        for stop in self._stop:
-            i = self.text.find(stop, start)
-            if i != -1 and (best is None or i < best[0]):
-                best = (i, stop)
-        return best
-
-    def _held_back(self) -> int:
-        """Length of the longest tail of text that is a proper prefix of some stop string."""
-        longest = 0
-        for stop in self._stop:
-            for n in range(min(len(stop) - 1, len(self.text)), longest, -1):
-                if self.text.endswith(stop[:n]):
-                    longest = n
-                    break
-        return longest
-
     def _take(self, end: int) -> str:
         end = max(end, self._emitted)
         delta = self.text[self._emitted:end]
