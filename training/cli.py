@@ -4,6 +4,7 @@
     seedling-train train_tokenizer --preset cpu-demo --data_dir runs/demo/data --out_dir runs/demo/tok
     seedling-train pretrain --preset cpu-demo --data_dir runs/demo/tok --out_dir runs/demo/pretrain
     seedling-train finetune --preset cpu-demo --init_from runs/demo/pretrain/checkpoint --out_dir runs/demo/sft
+    seedling-train adapt --preset translate-de --time_budget_min 20     (a LoRA task adapter)
     seedling-train evaluate --preset cpu-demo --checkpoint runs/demo/sft/checkpoint --out_dir runs/demo/eval
     seedling-train <job> --help
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-JOBS = ("prepare_data", "train_tokenizer", "pretrain", "finetune", "evaluate")
+JOBS = ("prepare_data", "train_tokenizer", "pretrain", "finetune", "adapt", "evaluate")
 
 
 def main(argv: list[str] | None = None) -> int:

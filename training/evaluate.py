@@ -48,6 +48,7 @@ SHARED = "../shared/data"
 @dataclass
 class EvaluateConfig:
     checkpoint: str = field("default", help="checkpoint dir, or 'default' (SmolLM2-135M-Instruct)")
+    adapter: str = field("", help="LoRA adapter dir (peft format, from training.adapt) merged into the checkpoint")
     out_dir: str = field("runs/eval", help="where report.json and report.md go")
     perplexity: str = field("", help="JSONL of {text} (or a .bin token shard) for perplexity")
     summarize: str = field("", help="JSONL of {document, summary[, references]}")
@@ -228,6 +229,13 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
         ckpt = load_checkpoint(path, device=device, dtype=torch.float32)
     except CheckpointError as e:
         raise TrainingError(str(e)) from e
+    if cfg.adapter:
+        from model.adapters import AdapterError, load_merged
+
+        try:
+            load_merged(path, cfg.adapter, ckpt.model)
+        except AdapterError as e:
+            raise TrainingError(str(e)) from e
     if not any((cfg.perplexity, cfg.summarize, cfg.translate, cfg.classify)):
         raise TrainingError("nothing to evaluate: pass --perplexity, --summarize, --translate or --classify")
     tok = ckpt.tokenizer
@@ -255,7 +263,7 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
         r = results["classify"]
         print(f"classify: accuracy {r['accuracy']:.4f}  macro-F1 {r['macro_f1']:.4f} over {r['examples']} examples, "
               f"{r['candidates_per_example']} candidate labels each")
-    report = {"checkpoint": str(path), "device": str(device), "config": config_dict(cfg), "results": results,
+    report = {"checkpoint": str(path), "adapter": cfg.adapter or None, "device": str(device), "config": config_dict(cfg), "results": results,
               "seconds": round(time.perf_counter() - t0, 1)}
     out = Path(cfg.out_dir)
     write_json(out / "report.json", report)
