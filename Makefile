@@ -2,8 +2,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PORT ?= 8000
+DATA ?= ../shared/data
 
-.PHONY: setup setup-dev model serve test lint bench
+.PHONY: setup setup-dev model serve test lint bench tasks tasks-quick
 
 $(PY):
 	.ci/setup.sh
@@ -30,3 +31,10 @@ lint:
 
 bench:
 	$(PY) -m bench.engine_throughput
+
+# task adapters (LoRA) + report: runs/tasks/report.md; kill and re-run to resume
+tasks: setup model
+	$(PY) -m training.make_tasks --data_dir $(DATA)
+
+tasks-quick: setup model
+	$(PY) -m training.make_tasks --data_dir $(DATA) --quick --out_dir runs/tasks-quick --adapters_dir runs/tasks-quick/adapters
