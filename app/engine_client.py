@@ -10,6 +10,7 @@ Must not: run a forward pass on the event loop, know about HTTP, or hold schedul
         async for out in client.generate("req-1", prompt_ids, params):  # "req-1": a label for logs
             ...                                               # RequestOutput deltas
     scores = await client.score(prompt_ids, [cont_a, cont_b]) # runs on the engine thread too
+    per_text = await client.score_each([(prompt_ids, conts), ...])  # cancellable between texts
 
 Threading: the event loop only enqueues commands (add / abort / score / stop) and awaits its
 stream; the engine thread drains commands between steps, calls `engine.step()`, and hands each
@@ -192,6 +193,13 @@ class EngineClient:
     async def score(self, prompt_ids: Sequence[int], continuations: Sequence[Sequence[int]]) -> list[float]:
         """engine.score on the engine thread: sum log p(continuation | prompt) per continuation."""
         return await self.call(self.engine.score, list(prompt_ids), [list(c) for c in continuations])
+
+    async def score_each(self, jobs: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]]
+                         ) -> list[list[float]]:
+        """`score` for each (prompt, continuations) job, one engine call per job: cancelling the
+        caller (deadline, disconnect) stops it before the next job, and decodes run between jobs
+        instead of waiting behind one call that scores every job."""
+        return [await self.score(prompt, conts) for prompt, conts in jobs]
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run fn(*args) on the engine thread between steps (it may touch the device)."""

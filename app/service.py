@@ -208,7 +208,7 @@ class Service:
         with self.client.reserve(len(texts)):
             try:
                 all_ll = await until_disconnect(request, asyncio.wait_for(
-                    self.client.call(_score_all, self.client.engine, jobs), deadline))
+                    self.client.score_each(jobs), deadline))
             except TimeoutError:
                 self._count(endpoint, "timeout")
                 raise DeadlineExceeded("classification deadline exceeded", code="timeout") from None
@@ -236,11 +236,6 @@ class Service:
     def _count(self, endpoint: str, outcome: str) -> None:
         if self.metrics is not None:
             self.metrics.outcome(endpoint, outcome)
-
-
-def _score_all(engine: Any, jobs: list[tuple[list[int], list[list[int]]]]) -> list[list[float]]:
-    """Runs on the engine thread: one scoring forward per text."""
-    return [engine.score(prompt, conts) for prompt, conts in jobs]
 
 
 def _item_id(request_id: str, i: int, n: int) -> str:

@@ -7,6 +7,8 @@ The engine is slowed or made to fail through `create_app(loader=...)`, as in tes
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,9 +16,10 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from app.main import load_model
 from app.settings import ServerSettings
 from model.engine import RequestRejected
-from tests.test_app_engine_client import slow_loader, wait_until
+from tests.test_app_engine_client import asgi_call, slow_loader, wait_until
 from tests.test_app_support import (  # noqa: F401 - fixtures
     USER_HI,
     app_checkpoint,
@@ -160,3 +163,50 @@ def test_stop_string_length_is_capped(client: TestClient, path: str, body: dict)
     assert r.status_code == 200, r.text
     r = client.post(path, json={**body, "max_tokens": 2, "stop": ["x"] * 17})
     assert r.status_code == 400 and error_of(r)["param"] == "stop"
+
+
+# ---------------------------------------------------------------------------- /classify
+
+def counting_score_loader(delay_s: float, calls: list[int]):
+    """The engine's score() slowed down and counted (one call per text scored)."""
+    def load(settings: ServerSettings):
+        loaded = load_model(settings)
+        score = loaded.engine.score
+
+        def slow_score(prompt_ids, continuations):
+            calls.append(len(prompt_ids))
+            time.sleep(delay_s)
+            return score(prompt_ids, continuations)
+
+        loaded.engine.score = slow_score
+        return loaded
+    return load
+
+
+CLASSIFY_6 = {"text": [f"review number {i}: fine" for i in range(6)], "labels": ["positive", "negative"]}
+
+
+def test_classify_deadline_stops_the_scoring(app_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    calls: list[int] = []
+    with make_client(settings_for(app_checkpoint), loader=counting_score_loader(0.3, calls)) as client:
+        calls.clear()
+        settings = client.app.state.seedling.service.settings
+        monkeypatch.setattr(settings, "request_timeout_s", 0.2)
+        r = client.post("/classify", json=CLASSIFY_6)
+        assert r.status_code == 504 and error_of(r)["type"] == "timeout_error"
+        monkeypatch.setattr(settings, "request_timeout_s", 300.0)
+        # the engine thread takes commands in order: once this reply is back, any scoring still queued
+        # behind the 504 would have run. Only the text being scored at the deadline may finish.
+        assert client.post("/chat", json={"messages": USER_HI, "max_tokens": 1}).status_code == 200
+        assert len(calls) <= 2, f"{len(calls)} of 6 texts scored after a 504 at the first"
+        assert in_flight(client) == 0
+
+
+def test_classify_disconnect_stops_the_scoring(app_checkpoint: Path) -> None:  # noqa: F811
+    calls: list[int] = []
+    with make_client(settings_for(app_checkpoint), loader=counting_score_loader(0.3, calls)) as client:
+        calls.clear()
+        status, _ = asyncio.run(asgi_call(client.app, "/classify", CLASSIFY_6, disconnect_after=0.2))
+        assert client.post("/chat", json={"messages": USER_HI, "max_tokens": 1}).status_code == 200
+        assert len(calls) <= 2, f"{len(calls)} of 6 texts scored after the client left at the first"
+        assert in_flight(client) == 0
