@@ -9,23 +9,23 @@ Layout (Hugging Face compatible, so `transformers` loads the directory unchanged
     tokenizer.model | tokenizer.json, tokenizer_config.json
     seedling.json          our metadata: format version, step, data, labels per task, metrics, source
 
-Writes are atomic: everything goes into a temp dir beside the target, is fsynced, then renamed into
-place (an existing checkpoint is moved aside first and removed only after the new one is in place).
-Loading never unpickles and turns every problem into a one-line CheckpointError saying what to do.
+Saving never changes a checkpoint in place: `path` is a symlink to one immutable version in
+`path.versions/`, and a save writes a new version, then swaps the symlink with one atomic rename
+(model/versioned.py says how a kill -9 at any moment is recovered). Loading first recovers, then reads
+every file from the one version the link points at. It never unpickles and turns every problem into a
+one-line CheckpointError saying what to do.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from model import versioned
 from model.config import ConfigError, ModelConfig
 from model.tokenizer import Tokenizer, TokenizerError
 from model.transformer import Transformer
@@ -73,56 +73,53 @@ def expected_hf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 # ------------------------------------------------------------------------------- save
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(directory: str | Path, model: Transformer, tokenizer: Tokenizer,
-                    meta: dict[str, Any] | None = None) -> Path:
-    """Write a checkpoint atomically to `directory` (replacing one already there). Returns the path."""
-    from safetensors.torch import save_file
+                    meta: dict[str, Any] | None = None, *, version: str | None = None, publish: bool = True,
+                    keep: int | None = 1) -> Path:
+    """Write the checkpoint as a new immutable version of `directory` and, with `publish`, point
+    `directory` (a symlink) at it atomically; the version it replaces is never modified.
 
-    target = Path(directory).resolve()
+    version: the version dir's name in `<directory>.versions/` (e.g. "step_00000100"; default a UTC
+        time stamp; "-2", "-3", ... is appended rather than overwrite an existing one).
+    publish: False writes an intermediate checkpoint that nothing loads by default.
+    keep: afterwards delete all versions but the published one and the `keep` newest others
+        (None: delete nothing).
+    Returns `directory` when published, else the version dir."""
+    link = versioned.absolute(directory)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise CheckpointError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only "
                               f"{model.config.vocab_size}; build the model with vocab_size >= the tokenizer's")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is an ordinary readable directory
+    staged = versioned.stage(link)
     try:
-        # 1. files into the temp dir
-        cfg = model.config.to_hf()
-        cfg["torch_dtype"] = str(model.dtype).removeprefix("torch.")
-        (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2))
-        save_file({k: v.cpu() for k, v in to_hf_state_dict(model).items()}, str(tmp / WEIGHTS_FILE),
-                  metadata={"format": "pt"})
-        tokenizer.save(tmp)
-        full_meta = {"format_version": FORMAT_VERSION, "step": None, "data": None, "labels": {},
-                     "metrics": {}, "source": None, **(meta or {})}
-        (tmp / META_FILE).write_text(json.dumps(full_meta, indent=2, ensure_ascii=False, default=str))
-        # 2. flush every file and the dir itself
-        for f in tmp.iterdir():
-            os.chmod(f, 0o644)
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        _fsync_dir(tmp)
-        # 3. swap into place: move the old one aside, rename, then delete the old one
-        old = None
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.rename(target, old / "ckpt")
-        os.rename(tmp, target)
-        _fsync_dir(target.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+        _write_files(staged.path, model, tokenizer, meta)
+        written = versioned.commit(staged, version or versioned.version_name())
+        if publish:
+            versioned.publish(link, written)
+    finally:
+        versioned.release(staged)
+    if keep is not None:
+        versioned.prune(link, keep)
+    return link if publish else written
+
+
+def _write_files(directory: Path, model: Transformer, tokenizer: Tokenizer, meta: dict[str, Any] | None) -> None:
+    from safetensors.torch import save_file
+
+    cfg = model.config.to_hf()
+    cfg["torch_dtype"] = str(model.dtype).removeprefix("torch.")
+    (directory / CONFIG_FILE).write_text(json.dumps(cfg, indent=2))
+    save_file({k: v.cpu() for k, v in to_hf_state_dict(model).items()}, str(directory / WEIGHTS_FILE),
+              metadata={"format": "pt"})
+    tokenizer.save(directory)
+    full_meta = {"format_version": FORMAT_VERSION, "step": None, "data": None, "labels": {},
+                 "metrics": {}, "source": None, **(meta or {})}
+    (directory / META_FILE).write_text(json.dumps(full_meta, indent=2, ensure_ascii=False, default=str))
+
+
+def recover_checkpoint(directory: str | Path) -> Path | None:
+    """Clean up after a save that was killed at `directory` (see model.versioned): the path to load,
+    or None when there is no checkpoint there at all."""
+    return versioned.recover(directory)
 
 
 # ------------------------------------------------------------------------------- load
@@ -169,20 +166,27 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu",
                     dtype: torch.dtype = torch.float32) -> Checkpoint:
     """Load and validate a checkpoint directory; the model is in eval mode on `device` in `dtype`."""
     path = Path(directory)
-    if not path.is_dir():
+    found = versioned.recover(path)
+    if found is None:
         raise CheckpointError(f"checkpoint directory {path} does not exist; run `python -m model.convert "
                               "default` or pass the directory a training job wrote")
-    config = read_config(path)
-    meta = read_meta(path)
+    with versioned.reading(found) as real:  # every file from the one version the link points at now
+        return _load_files(real, path, device, dtype)
+
+
+def _load_files(real: Path, path: Path, device: str | torch.device, dtype: torch.dtype) -> Checkpoint:
+    """Read and validate the files of the real directory `real`; `path` is what the caller asked for."""
+    config = read_config(real)
+    meta = read_meta(real)
     try:
-        tokenizer = Tokenizer.load(path)
+        tokenizer = Tokenizer.load(real)
     except (TokenizerError, OSError, RuntimeError) as e:
-        raise CheckpointError(f"tokenizer in {path} cannot be loaded: {e}".replace("\n", " ")) from e
+        raise CheckpointError(f"tokenizer in {real} cannot be loaded: {e}".replace("\n", " ")) from e
     if tokenizer.vocab_size > config.vocab_size:
-        raise CheckpointError(f"tokenizer in {path} has {tokenizer.vocab_size} tokens but config.json "
+        raise CheckpointError(f"tokenizer in {real} has {tokenizer.vocab_size} tokens but config.json "
                               f"vocab_size is {config.vocab_size}; the tokenizer does not belong to this model")
-    tensors = _read_weights(path / WEIGHTS_FILE)
-    model = model_from_tensors(config, tensors, str(path / WEIGHTS_FILE), device=device, dtype=dtype)
+    tensors = _read_weights(real / WEIGHTS_FILE)
+    model = model_from_tensors(config, tensors, str(real / WEIGHTS_FILE), device=device, dtype=dtype)
     return Checkpoint(model=model, tokenizer=tokenizer, config=config, meta=meta, path=path)
 
 

@@ -67,12 +67,25 @@ def test_transformers_loads_our_checkpoint(tiny_checkpoint: Path) -> None:
     assert diff <= 1e-4
 
 
-def test_save_replaces_atomically_and_leaves_no_temp(tiny_sp_tokenizer: object, tmp_path: Path) -> None:
+def _files(d: Path) -> dict[str, bytes]:
+    return {f.name: f.read_bytes() for f in sorted(d.iterdir())}
+
+
+def test_save_publishes_a_new_version_and_never_touches_the_old(tiny_sp_tokenizer: object, tmp_path: Path) -> None:
     target = tmp_path / "ckpt"
-    save_checkpoint(target, _tiny_model(), tiny_sp_tokenizer, {"step": 1})
-    save_checkpoint(target, _tiny_model(), tiny_sp_tokenizer, {"step": 2})
-    assert read_meta(target)["step"] == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    save_checkpoint(target, _tiny_model(), tiny_sp_tokenizer, {"step": 1}, version="one")
+    v1 = tmp_path / "ckpt.versions" / "one"
+    assert target.is_symlink() and target.resolve() == v1
+    before = _files(v1)
+    save_checkpoint(target, _tiny_model(tie_embeddings=False), tiny_sp_tokenizer, {"step": 2}, version="two")
+    assert read_meta(target)["step"] == 2 and target.resolve() == tmp_path / "ckpt.versions" / "two"
+    assert _files(v1) == before  # the previous version is kept, byte for byte (a reader may be on it)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "ckpt.versions"]
+    save_checkpoint(target, _tiny_model(), tiny_sp_tokenizer, {"step": 3}, version="two")  # name taken
+    assert target.resolve().name == "two-2"
+    assert sorted(p.name for p in (tmp_path / "ckpt.versions").iterdir()) == ["two", "two-2"]  # keep=1
+    unpublished = save_checkpoint(target, _tiny_model(), tiny_sp_tokenizer, {"step": 4}, publish=False, keep=None)
+    assert read_meta(target)["step"] == 3 and read_meta(unpublished)["step"] == 4
 
     class Boom(RuntimeError):
         pass
@@ -84,9 +97,142 @@ def test_save_replaces_atomically_and_leaves_no_temp(tiny_sp_tokenizer: object, 
             raise Boom("disk full")
 
     with pytest.raises(Boom):
-        save_checkpoint(target, _tiny_model(), BadTokenizer(), {"step": 3})  # type: ignore[arg-type]
-    assert read_meta(target)["step"] == 2  # the old checkpoint is untouched
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+        save_checkpoint(target, _tiny_model(), BadTokenizer(), {"step": 5})  # type: ignore[arg-type]
+    assert read_meta(target)["step"] == 3  # the published checkpoint is untouched
+    assert not list((tmp_path / "ckpt.versions").glob(".tmp-*"))
+
+
+# ------------------------------------------------------------------------------- kill -9 while saving
+KILLED_SAVE = """
+import os, signal, sys
+from pathlib import Path
+
+import safetensors.torch
+
+from model.checkpoint import load_checkpoint, save_checkpoint
+
+source, target, stage = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+ckpt = load_checkpoint(source)
+
+
+def die_at(module, name, after=False):
+    real = getattr(module, name)
+
+    def call(*args, **kwargs):
+        result = real(*args, **kwargs) if after else None
+        os.kill(os.getpid(), signal.SIGKILL)
+        return result
+    setattr(module, name, call)
+
+
+def half_written(tensors, filename, metadata=None):
+    with open(filename, "wb") as fh:
+        fh.write(b"truncated" * 512)
+        fh.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+if stage == "weights":
+    safetensors.torch.save_file = half_written
+elif stage == "commit":
+    die_at(os, "rename")
+elif stage == "announced":
+    die_at(os, "symlink", after=True)
+elif stage in ("swap", "legacy swap"):
+    die_at(os, "replace")
+elif stage == "prune":
+    import shutil
+    die_at(shutil, "rmtree")
+save_checkpoint(target, ckpt.model, ckpt.tokenizer, {"step": 2}, version="new")
+"""
+# stage -> the step load_checkpoint finds afterwards (recovery rolls a complete, announced version forward)
+KILL_STAGES = {"weights": 1, "commit": 1, "announced": 2, "swap": 2, "legacy swap": 2, "prune": 2}
+
+
+@pytest.mark.parametrize("stage", list(KILL_STAGES))
+def test_kill_during_save_leaves_a_loadable_checkpoint(stage: str, tiny_checkpoint: Path, tiny_sp_tokenizer: object,
+                                                       tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real SIGKILL at each step of a save: the previous checkpoint's bytes stay intact and load; after
+    recovery (which every load runs) no debris is left and the link is on a complete version."""
+    import os
+    import subprocess
+    import sys
+
+    from model import versioned
+
+    target = tmp_path / "ckpt"
+    if stage == "legacy swap":  # a checkpoint written before versioning: a real directory
+        shutil.copytree(tiny_checkpoint, target)
+        meta = json.loads((target / "seedling.json").read_text())
+        (target / "seedling.json").write_text(json.dumps({**meta, "step": 1}))
+        old = target
+    else:
+        if stage == "prune":  # something for the save to prune
+            save_checkpoint(target, _tiny_model(), tiny_sp_tokenizer, {"step": 0}, version="older")
+        save_checkpoint(target, _tiny_model(), tiny_sp_tokenizer, {"step": 1}, version="old")
+        old = tmp_path / "ckpt.versions" / "old"
+    before = _files(old)
+    done = subprocess.run([sys.executable, "-c", KILLED_SAVE, str(tiny_checkpoint), str(target), stage],
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == -9, done.stderr[-2000:]
+    if KILL_STAGES[stage] == 1:
+        assert target.resolve() == old and read_meta(target)["step"] == 1  # nothing was published
+    if stage == "legacy swap":
+        assert not target.exists()  # the one-time move of a real directory has a window ...
+        old = next((tmp_path / "ckpt.versions").glob("legacy-*"))
+    assert _files(old) == before  # ... but the old bytes are never touched
+    monkeypatch.setattr(versioned, "STALE_AFTER_S", 0.0)  # the killed writer's temp dir is old enough
+    ckpt = load_checkpoint(target)
+    assert ckpt.meta["step"] == KILL_STAGES[stage]
+    with torch.inference_mode():
+        assert torch.equal(ckpt.model(TOKENS), load_checkpoint(tiny_checkpoint).model(TOKENS))
+    assert target.is_symlink() and target.resolve().is_dir()
+    debris = [p.name for p in [*tmp_path.iterdir(), *(tmp_path / "ckpt.versions").iterdir()]
+              if p.name.startswith(".")]
+    assert debris == []
+    save_checkpoint(target, _tiny_model(), tiny_sp_tokenizer, {"step": 3})  # and saving works again
+    assert load_checkpoint(target).meta["step"] == 3
+
+
+def test_recovers_what_the_pre_versioning_writer_left(tiny_checkpoint: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The old save_checkpoint renamed the target aside, then the temp dir into place: killed between
+    the two there was no checkpoint at all, and its temp dirs stayed forever."""
+    from model import versioned
+
+    monkeypatch.setattr(versioned, "STALE_AFTER_S", 0.0)
+    shutil.copytree(tiny_checkpoint, tmp_path / ".ckpt.old-x1y2" / "ckpt")
+    (tmp_path / ".ckpt.tmp-a1b2").mkdir()
+    (tmp_path / ".ckpt.tmp-a1b2" / "model.safetensors").write_bytes(b"half")
+    ckpt = load_checkpoint(tmp_path / "ckpt")
+    assert ckpt.meta["step"] == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_recovery_leaves_a_live_writers_files_alone(tiny_checkpoint: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import fcntl
+    import os
+
+    from model import versioned
+
+    monkeypatch.setattr(versioned, "STALE_AFTER_S", 0.0)
+    shutil.copytree(tiny_checkpoint, tmp_path / "ckpt.versions" / "v1")
+    (tmp_path / "ckpt").symlink_to("ckpt.versions/v1")
+    staged = versioned.stage(tmp_path / "ckpt")  # someone is writing right now
+    shutil.copytree(tiny_checkpoint, tmp_path / "ckpt.versions" / "v2")
+    fd = os.open(tmp_path / "ckpt.versions" / "v2", os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # ... and someone else has announced v2 but not swapped yet
+    (tmp_path / ".ckpt.link-1-2").symlink_to("ckpt.versions/v2")
+    try:
+        assert load_checkpoint(tmp_path / "ckpt").path == tmp_path / "ckpt"
+        assert staged.path.is_dir() and (tmp_path / ".ckpt.link-1-2").is_symlink()
+        assert (tmp_path / "ckpt").resolve().name == "v1"
+    finally:
+        os.close(fd)
+        versioned.release(staged)
+    load_checkpoint(tmp_path / "ckpt")  # the announcer died: its swap is finished
+    assert (tmp_path / "ckpt").resolve().name == "v2" and not (tmp_path / ".ckpt.link-1-2").exists()
 
 
 def test_save_rejects_tokenizer_larger_than_model(tiny_sp_tokenizer: object, tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -81,12 +82,27 @@ def test_packed_windows_are_a_pure_function_of_the_index() -> None:
 
 
 # ---------------------------------------------------------------------------- resume
-def test_resume_is_exact(tok_dir: Path, tmp_path: Path) -> None:
+def test_resume_is_exact(tok_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                         caplog: pytest.LogCaptureFixture) -> None:
+    from model import versioned
+
     straight = run(tok_dir, tmp_path / "a")
     assert straight["step"] == 20
     run(tok_dir, tmp_path / "b", stop_at=10)  # "killed" right after the step-10 checkpoint
     assert max(losses(tmp_path / "b")) == 10
+    # ... and then killed again while writing the step-20 one: a torn metrics line, a half-written
+    # temp dir and a complete version that was never published (rolled back: resume from step 10)
+    with (tmp_path / "b" / "metrics.jsonl").open("a") as fh:
+        fh.write('{"step": 20, "loss": 3.1')
+    versions = tmp_path / "b" / "checkpoint.versions"
+    (versions / ".tmp-killed").mkdir()
+    (versions / ".tmp-killed" / "model.safetensors").write_bytes(b"half")
+    shutil.copytree(versions / "step_00000010", versions / "step_00000020")
+    monkeypatch.setattr(versioned, "STALE_AFTER_S", 0.0)
     run(tok_dir, tmp_path / "b")  # the same command again resumes
+    assert "metrics.jsonl:" in caplog.text and "skipped" in caplog.text
+    assert not (versions / ".tmp-killed").exists()
+    assert (tmp_path / "b" / "checkpoint").resolve().name == "step_00000020-2"
     la, lb = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert sorted(la) == sorted(lb) == list(range(1, 21))
     assert all(la[s] == lb[s] for s in la), [(s, la[s], lb[s]) for s in la if la[s] != lb[s]]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import math
 import os
 import random
@@ -26,6 +27,7 @@ from typing import Any, TypeVar
 import torch
 
 C = TypeVar("C")
+log = logging.getLogger(__name__)
 
 
 class TrainingError(RuntimeError):
@@ -356,9 +358,8 @@ class MetricsLog:
     def truncate_after(self, step: int) -> None:
         if not self.enabled or not self.path.exists():
             return
-        keep = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        atomic_write_text(self.path, "".join(line + "\n" for line in keep))
+        keep = [r for r in self.records() if r.get("step", 0) <= step]
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
     def reset(self) -> None:
         if self.enabled:
@@ -372,9 +373,24 @@ class MetricsLog:
             fh.write(json.dumps(record) + "\n")
 
     def records(self) -> list[dict[str, Any]]:
+        """Every record; a line that is not a JSON object (the torn last line of a killed run) is
+        skipped with a warning rather than failing the resume or the plot."""
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        out = []
+        for n, line in enumerate(self.path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if isinstance(record, dict):
+                out.append(record)
+            else:
+                log.warning("%s:%d is not a JSON record (a write cut off by a kill?); skipped: %.60s",
+                            self.path, n, line)
+        return out
 
 
 def plot_loss_curve(records: Iterable[Mapping[str, Any]], path: Path, title: str = "loss") -> None:

@@ -63,7 +63,8 @@ SHARED = "../shared/data"
 class FinetuneConfig:
     init_from: str = field("default", help="checkpoint dir to start from, or 'default' (SmolLM2-135M-Instruct)")
     data: list[str] = field(default_factory=list, help="sources: [task[/name]=]path[@weight] (JSONL or .jsonl.gz)")
-    out_dir: str = field("runs/finetune", help="output directory (checkpoint/, metrics.jsonl, loss.png)")
+    out_dir: str = field("runs/finetune", help="output directory (checkpoint, checkpoint.versions/, metrics.jsonl, "
+                         "loss.png)")
     max_records: int = field(0, help="use a seeded random sample of this many records per source (0 = all)")
     val_examples: int = field(32, help="examples held out (from the mixture) for validation loss")
     max_len: int = field(512, help="longest rendered example in tokens; chats are cut at a turn, others dropped")
@@ -78,7 +79,8 @@ class FinetuneConfig:
     weight_decay: float = field(0.0, help="AdamW weight decay for matrices")
     grad_clip: float = field(1.0, help="clip the global gradient norm (0 = off)")
     eval_every: int = field(50, help="validation loss every N steps (and at the end)")
-    save_every: int = field(0, help="checkpoint every N steps (0 = only at the end)")
+    save_every: int = field(0, help="also write checkpoint.versions/step_N every N steps (0 = only the final "
+                            "checkpoint); only the final one is published as out_dir/checkpoint")
     seed: int = field(1234, help="seed for mixture sampling and label candidates")
     device: str = field("auto", help="auto, cpu, cuda, cuda:N")
     dtype: str = field("bf16", help="bf16 (autocast on CUDA) or fp32")
@@ -261,11 +263,24 @@ def resolve_init(init_from: str) -> Path:
     return path
 
 
+def save(cfg: FinetuneConfig, model: torch.nn.Module, tokenizer: Any, meta: dict[str, Any]) -> None:
+    """Each save is its own version (out_dir/checkpoint.versions/step_N); only the final one is
+    published as out_dir/checkpoint, so what a server loads from there never changes mid-run. Kept
+    afterwards: this run's versions and the one published before it."""
+    from model.checkpoint import save_checkpoint
+
+    step = int(meta["step"])
+    saves = -(-cfg.max_steps // cfg.save_every) if cfg.save_every else 1
+    save_checkpoint(Path(cfg.out_dir) / "checkpoint", model.eval(), tokenizer, meta, version=f"step_{step:08d}",
+                    publish=step == cfg.max_steps, keep=saves)
+    model.train()
+
+
 # ---------------------------------------------------------------------------- the job
 def main(cfg: FinetuneConfig) -> dict[str, Any]:
     from tqdm import tqdm
 
-    from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    from model.checkpoint import CheckpointError, load_checkpoint
 
     set_threads(cfg.threads)
     seed_everything(cfg.seed)
@@ -331,9 +346,8 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
             metrics.write({"step": done, "val_loss": val_loss})
             bar.write(f"step {done}: val loss {val_loss:.4f}")
         if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.max_steps:
-            save_checkpoint(out_dir / "checkpoint", model.eval(), tokenizer,
-                            {**meta, "step": done, "metrics": {"val_loss": val_loss, "train_loss": loss_val}})
-            model.train()
+            save(cfg, model, tokenizer, {**meta, "step": done, "metrics": {"val_loss": val_loss,
+                                                                           "train_loss": loss_val}})
     bar.close()
     plot_loss_curve(metrics.records(), out_dir / "loss.png", title=f"finetune {out_dir.name}")
     summary = {"step": cfg.max_steps, "train_loss": loss_val, "val_loss": val_loss,

@@ -5,8 +5,8 @@
     seedling-train pretrain --help
 
 Reads `train.bin` / `val.bin` and the tokenizer that `train_tokenizer` wrote into `data_dir`.
-Writes into `out_dir`: `checkpoint/` (a model checkpoint the server loads, replaced atomically every
-`save_every` steps), `state/step_XXXXXXXX.pt` (optimizer, RNG and data position for that checkpoint),
+Writes into `out_dir`: `checkpoint` (a symlink the server loads, moved atomically every `save_every`
+steps onto `checkpoint.versions/step_XXXXXXXX/`; the previous one is kept), `state/step_XXXXXXXX.pt` (optimizer, RNG and data position for that checkpoint),
 `metrics.jsonl`, `loss.png`, `config.json`. Re-running the same command resumes exactly where the
 last checkpoint left off (same losses, same weights as an uninterrupted run, on CPU fp32).
 """
@@ -14,7 +14,6 @@ last checkpoint left off (same losses, same weights as an uninterrupted run, on 
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,40 +150,24 @@ def state_path(out_dir: Path, step: int) -> Path:
 
 def save(out_dir: Path, model: Transformer, optimizer: torch.optim.Optimizer, tokenizer: Any, step: int,
          meta: dict[str, Any]) -> None:
-    """Training state first, then the checkpoint directory swapped in atomically, then old states
-    removed: a crash at any point leaves a checkpoint whose state file exists."""
+    """Training state first, then the checkpoint as version step_N of out_dir/checkpoint, published
+    atomically, then older states removed: a kill at any point leaves a published checkpoint whose
+    state file exists (model.versioned rolls an interrupted publish forward or back)."""
     from model.checkpoint import save_checkpoint
 
     atomic_torch_save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state()},
                       state_path(out_dir, step))
-    final, new, old = out_dir / "checkpoint", out_dir / "checkpoint.new", out_dir / "checkpoint.old"
-    shutil.rmtree(new, ignore_errors=True)
-    save_checkpoint(new, model, tokenizer, {**meta, "step": step})
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    new.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+    save_checkpoint(out_dir / "checkpoint", model, tokenizer, {**meta, "step": step}, version=f"step_{step:08d}")
     for p in (out_dir / "state").glob("step_*.pt"):
         if p != state_path(out_dir, step):
             p.unlink(missing_ok=True)
-
-
-def recover_checkpoint(out_dir: Path) -> Path | None:
-    """The latest complete checkpoint dir, finishing a swap that a crash interrupted."""
-    final, new, old = out_dir / "checkpoint", out_dir / "checkpoint.new", out_dir / "checkpoint.old"
-    if not final.exists() and new.exists() and (new / "seedling.json").exists():
-        new.rename(final)
-    if not final.exists() and old.exists():
-        old.rename(final)
-    return final if final.exists() else None
 
 
 # ---------------------------------------------------------------------------- the job
 def main(cfg: PretrainConfig) -> dict[str, Any]:
     from tqdm import tqdm
 
-    from model.checkpoint import load_checkpoint, read_meta
+    from model.checkpoint import load_checkpoint, read_meta, recover_checkpoint
     from model.tokenizer import Tokenizer
 
     # 1. process, device, output
@@ -218,7 +201,7 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
 
     # 3. resume
     start = 0
-    ckpt_dir = recover_checkpoint(out_dir) if cfg.resume else None
+    ckpt_dir = recover_checkpoint(out_dir / "checkpoint") if cfg.resume else None
     if ckpt_dir is not None:
         start = int(read_meta(ckpt_dir)["step"])
         sp = state_path(out_dir, start)
@@ -285,7 +268,7 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
             loss_sum += loss.detach()
         loss_val = all_reduce_mean(loss_sum / cfg.grad_accum, dist).item()
         if not math.isfinite(loss_val):
-            good = recover_checkpoint(out_dir)
+            good = recover_checkpoint(out_dir / "checkpoint")
             where = f"the last good checkpoint is {good} (step {read_meta(good)['step']})" if good else \
                 "no checkpoint was written yet"
             bar.close()
