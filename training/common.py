@@ -18,7 +18,6 @@ import os
 import random
 import sys
 import tempfile
-import types
 import typing
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -35,60 +34,29 @@ class TrainingError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------- config parsing
-def _field_type(cls: type, f: dataclasses.Field) -> Any:
-    hints = typing.get_type_hints(cls)
-    return hints[f.name]
+_EXPECTED = {"int": "an integer", "float": "a number", "bool": "true/false", "string": "a string",
+             "list": "a list"}
 
 
-def _base(tp: Any) -> tuple[Any, bool]:
-    """(inner type, optional?) for `X | None`; list[...] stays list."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0], True
-    return tp, False
+def _validate(cls: type[C], values: Mapping[str, Any]) -> C:
+    """The config object, with values converted and checked by pydantic (the configs stay plain
+    dataclasses; pydantic validates them as they are): "10" -> 10, "yes" -> True, and __post_init__
+    runs. Every problem becomes one line naming the key."""
+    import pydantic
+
+    try:
+        return pydantic.TypeAdapter(cls).validate_python(dict(values))
+    except pydantic.ValidationError as e:
+        raise TrainingError("; ".join(_describe(cls, err) for err in e.errors())) from None
 
 
-def _coerce(name: str, tp: Any, value: Any) -> Any:
-    """Convert a config-file or preset value to the field's type; fail loudly on a mismatch."""
-    inner, optional = _base(tp)
-    if value is None:
-        if optional:
-            return None
-        raise TrainingError(f"config key {name!r} must not be null")
-    origin = typing.get_origin(inner)
-    if origin in (list, tuple) or inner in (list, tuple):
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v]
-        if not isinstance(value, (list, tuple)):
-            raise TrainingError(f"config key {name!r} must be a list, got {value!r}")
-        (item,) = typing.get_args(inner) or (str,)
-        return [_coerce(name, item, v) for v in value]
-    if inner is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-            return value.lower() in ("1", "true", "yes", "on")
-        raise TrainingError(f"config key {name!r} must be true/false, got {value!r}")
-    if inner is int:
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise TrainingError(f"config key {name!r} must be an integer, got {value!r}")
-        try:
-            return int(value)
-        except ValueError:
-            raise TrainingError(f"config key {name!r} must be an integer, got {value!r}") from None
-    if inner is float:
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise TrainingError(f"config key {name!r} must be a number, got {value!r}") from None
-    if inner is str:
-        return str(value)
-    return value
-
-
-def _help(f: dataclasses.Field) -> str:
-    return str(f.metadata.get("help", ""))
+def _describe(cls: type, err: Any) -> str:
+    if not err["loc"]:  # raised by the dataclass's own __post_init__ checks
+        return f"invalid {cls.__name__}: {err['msg'].removeprefix('Value error, ')}"
+    key = ".".join(str(part) for part in err["loc"])
+    kind = err["type"].split("_")[0]
+    what = f"must be {_EXPECTED[kind]}" if kind in _EXPECTED else err["msg"].lower()
+    return f"config key {key!r} {what}, got {err['input']!r}"
 
 
 def field(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any = dataclasses.MISSING) -> Any:
@@ -100,13 +68,13 @@ def field(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any
 
 def load_config_file(path: Path) -> dict[str, Any]:
     """A JSON or YAML mapping of field name -> value."""
-    text = Path(path).read_text(encoding="utf-8")
-    if Path(path).suffix.lower() in (".yaml", ".yml"):
-        import yaml
+    import yaml
 
-        data = yaml.safe_load(text)
-    else:
-        data = json.loads(text)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+        data = yaml.safe_load(text) if Path(path).suffix.lower() in (".yaml", ".yml") else json.loads(text)
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        raise TrainingError(f"config file {path} cannot be read: {e}".replace("\n", " ")) from e
     if not isinstance(data, dict):
         raise TrainingError(f"{path}: config file must hold a mapping of option -> value")
     return data
@@ -129,12 +97,8 @@ def build_config(cls: type[C], presets: Mapping[str, Mapping[str, Any]], preset:
         unknown = sorted(set(layer) - set(known))
         if unknown:
             raise TrainingError(f"unknown config keys in {origin}: {unknown}; valid keys: {sorted(known)}")
-        for k, v in layer.items():
-            values[k] = _coerce(k, _field_type(cls, known[k]), v)
-    try:
-        return cls(**values)
-    except (TypeError, ValueError) as e:
-        raise TrainingError(f"invalid {cls.__name__}: {e}") from e
+        values.update(layer)
+    return _validate(cls, values)
 
 
 def make_parser(cls: type, presets: Mapping[str, Any], prog: str | None = None,
@@ -145,17 +109,19 @@ def make_parser(cls: type, presets: Mapping[str, Any], prog: str | None = None,
     parser.add_argument("--preset", choices=sorted(presets), default=None,
                         help="named set of defaults (flags and --config override it)")
     parser.add_argument("--config", type=Path, default=None, help="JSON or YAML file of option: value")
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        tp, _ = _base(_field_type(cls, f))
+        tp = hints[f.name]
         flag = "--" + f.name
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
-        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": f"{_help(f)} (default: {default!r})"}
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS,
+                                  "help": f"{f.metadata.get('help', '')} (default: {default!r})"}
         if tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         elif typing.get_origin(tp) in (list, tuple) or tp in (list, tuple):
             parser.add_argument(flag, nargs="*", **kwargs)
-        else:
+        else:  # a string; _validate converts it to the field's type
             parser.add_argument(flag, **kwargs)
     return parser
 
