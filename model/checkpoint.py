@@ -7,7 +7,7 @@ Layout (Hugging Face compatible, so `transformers` loads the directory unchanged
     config.json            HF LlamaConfig keys (ModelConfig.to_hf)
     model.safetensors      HF tensor names ("model." + our module name; lm_head dropped when tied)
     tokenizer.model | tokenizer.json, tokenizer_config.json
-    seedling.json          our metadata: format version, step, data, labels per task, metrics, source
+    seedling.json          our metadata: format version, name, step, data, labels per task, metrics, source
 
 Saving never changes a checkpoint in place: `path` is a symlink to one immutable version in
 `path.versions/`, and a save writes a new version, then swaps the symlink with one atomic rename
@@ -91,7 +91,7 @@ def save_checkpoint(directory: str | Path, model: Transformer, tokenizer: Tokeni
                               f"{model.config.vocab_size}; build the model with vocab_size >= the tokenizer's")
     staged = versioned.stage(link)
     try:
-        _write_files(staged.path, model, tokenizer, meta)
+        _write_files(staged.path, link.name, model, tokenizer, meta)
         written = versioned.commit(staged, version or versioned.version_name())
         if publish:
             versioned.publish(link, written)
@@ -102,7 +102,10 @@ def save_checkpoint(directory: str | Path, model: Transformer, tokenizer: Tokeni
     return link if publish else written
 
 
-def _write_files(directory: Path, model: Transformer, tokenizer: Tokenizer, meta: dict[str, Any] | None) -> None:
+def _write_files(directory: Path, name: str, model: Transformer, tokenizer: Tokenizer,
+                 meta: dict[str, Any] | None) -> None:
+    """The checkpoint's files; meta "name" (the model id a server lists) defaults to the published
+    path's name, as the directory the server is given is a symlink to a version with another name."""
     from safetensors.torch import save_file
 
     cfg = model.config.to_hf()
@@ -111,7 +114,7 @@ def _write_files(directory: Path, model: Transformer, tokenizer: Tokenizer, meta
     save_file({k: v.cpu() for k, v in to_hf_state_dict(model).items()}, str(directory / WEIGHTS_FILE),
               metadata={"format": "pt"})
     tokenizer.save(directory)
-    full_meta = {"format_version": FORMAT_VERSION, "step": None, "data": None, "labels": {},
+    full_meta = {"format_version": FORMAT_VERSION, "name": name, "step": None, "data": None, "labels": {},
                  "metrics": {}, "source": None, **(meta or {})}
     (directory / META_FILE).write_text(json.dumps(full_meta, indent=2, ensure_ascii=False, default=str))
 

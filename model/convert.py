@@ -345,9 +345,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, source: str | None 
     """Convert a llama GGUF file (any quantization gguf can dequantize) into a checkpoint at out_dir."""
     config, tensors, tokenizer = read_gguf(gguf_path)
     model = model_from_tensors(config, tensors, str(gguf_path))
-    # the served model's name: the directory's own name, since the directory becomes a symlink to a version
-    meta = {"source": source or f"gguf:{Path(gguf_path).resolve()}", "converter_version": CONVERTER_VERSION,
-            "name": Path(out_dir).name}
+    meta = {"source": source or f"gguf:{Path(gguf_path).resolve()}", "converter_version": CONVERTER_VERSION}
     return save_checkpoint(out_dir, model, tokenizer, meta)
 
 
@@ -389,9 +387,7 @@ def convert_hf(hf_dir: str | Path, out_dir: str | Path, source: str | None = Non
     """Convert a Hugging Face Llama directory (config.json, *.safetensors, tokenizer) into a checkpoint."""
     config, tensors, tokenizer = read_hf_dir(hf_dir)
     model = model_from_tensors(config, tensors, str(hf_dir))
-    # the served model's name: the directory's own name, since the directory becomes a symlink to a version
-    meta = {"source": source or f"hf:{Path(hf_dir).resolve()}", "converter_version": CONVERTER_VERSION,
-            "name": Path(out_dir).name}
+    meta = {"source": source or f"hf:{Path(hf_dir).resolve()}", "converter_version": CONVERTER_VERSION}
     return save_checkpoint(out_dir, model, tokenizer, meta)
 
 

@@ -79,6 +79,7 @@ def test_save_publishes_a_new_version_and_never_touches_the_old(tiny_sp_tokenize
     before = _files(v1)
     save_checkpoint(target, _tiny_model(tie_embeddings=False), tiny_sp_tokenizer, {"step": 2}, version="two")
     assert read_meta(target)["step"] == 2 and target.resolve() == tmp_path / "ckpt.versions" / "two"
+    assert read_meta(target)["name"] == "ckpt"  # the id a server lists: the link's name, not the version's
     assert _files(v1) == before  # the previous version is kept, byte for byte (a reader may be on it)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "ckpt.versions"]
     save_checkpoint(target, _tiny_model(), tiny_sp_tokenizer, {"step": 3}, version="two")  # name taken
