@@ -36,6 +36,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 STALE_AFTER_S = 10.0  # a temp dir younger than this may belong to a writer that has not locked it yet
+READ_LOCK_WAIT_S = 30.0  # how long a load waits for a writer still holding the version it just published
 
 
 @dataclass
@@ -159,11 +160,26 @@ def reading(path: Path) -> Iterator[Path]:
         yield real  # let the caller report the missing file
         return
     try:
-        with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_SH)
+        _share_lock(fd, timeout_s=READ_LOCK_WAIT_S)
         yield real
     finally:
         os.close(fd)
+
+
+def _share_lock(fd: int, timeout_s: float) -> None:
+    """A shared flock, waiting at most `timeout_s` for a writer that is just publishing this version;
+    past that (a writer stopped while holding it) the read goes ahead without one rather than hang."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.05)
+        except OSError:  # no flock on this filesystem
+            return
 
 
 # ---------------------------------------------------------------------------- helpers

@@ -234,6 +234,13 @@ def test_recovery_leaves_a_live_writers_files_alone(tiny_checkpoint: Path, tmp_p
         versioned.release(staged)
     load_checkpoint(tmp_path / "ckpt")  # the announcer died: its swap is finished
     assert (tmp_path / "ckpt").resolve().name == "v2" and not (tmp_path / ".ckpt.link-1-2").exists()
+    fd = os.open(tmp_path / "ckpt.versions" / "v2", os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # a writer stopped (SIGSTOP) right after publishing v2: no hang
+    monkeypatch.setattr(versioned, "READ_LOCK_WAIT_S", 0.2)
+    try:
+        assert load_checkpoint(tmp_path / "ckpt").meta["step"] == 0
+    finally:
+        os.close(fd)
 
 
 def test_save_rejects_tokenizer_larger_than_model(tiny_sp_tokenizer: object, tmp_path: Path) -> None:
