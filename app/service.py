@@ -27,6 +27,7 @@ from model.tokenizer import Tokenizer, render_chat
 from .engine_client import EngineClient
 from .errors import ApiError, DeadlineExceeded, InvalidRequest, prompt_too_long, to_api_error
 from .metrics import Metrics, RequestTimer
+from .prompt_guard import PromptGuard
 from .protocol import Limits
 from .settings import ServerSettings
 
@@ -70,6 +71,7 @@ class Service:
         self.max_model_len = settings.max_model_len
         self.limits = Limits(settings.max_tokens_default, settings.max_tokens_limit, settings.max_batch_items,
                              vocab_size=tokenizer.vocab_size)
+        self.prompts = PromptGuard(tokenizer, self.max_model_len)  # check chars, then tokenize off the loop
 
     # ------------------------------------------------------------------ prompts
     def chat_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:

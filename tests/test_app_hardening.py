@@ -8,6 +8,7 @@ The engine is slowed or made to fail through `create_app(loader=...)`, as in tes
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -210,3 +211,73 @@ def test_classify_disconnect_stops_the_scoring(app_checkpoint: Path) -> None:  #
         assert client.post("/chat", json={"messages": USER_HI, "max_tokens": 1}).status_code == 200
         assert len(calls) <= 2, f"{len(calls)} of 6 texts scored after the client left at the first"
         assert in_flight(client) == 0
+
+
+# ---------------------------------------------------------------------------- tokenizing off the event loop
+
+def watched_tokenizer_loader(encoded: list[int], gate: threading.Event, entered: threading.Event,
+                             block_above: int):
+    """The tokenizer records the length of every text it encodes and, for a text longer than
+    `block_above`, signals `entered` and waits for `gate` (a slow tokenization, made deterministic)."""
+    def load(settings: ServerSettings):
+        loaded = load_model(settings)
+        encode = loaded.tokenizer.encode
+
+        def watched_encode(text, add_bos=False):
+            encoded.append(len(text))
+            if len(text) > block_above:
+                entered.set()
+                gate.wait(20)
+            return encode(text, add_bos=add_bos)
+
+        loaded.tokenizer.encode = watched_encode
+        return loaded
+    return load
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", lambda text: {"prompt": text, "max_tokens": 1}),
+    ("/v1/chat/completions", lambda text: {"messages": [{"role": "user", "content": text}], "max_tokens": 1}),
+    ("/chat", lambda text: {"messages": [{"role": "user", "content": text}], "max_tokens": 1}),
+    ("/summarize", lambda text: {"text": [text, "short"], "max_tokens": 1}),
+    ("/tokenize", lambda text: {"text": text}),
+])
+def test_tokenizing_a_long_prompt_does_not_block_the_event_loop(app_checkpoint: Path, path: str, body) -> None:  # noqa: F811
+    encoded: list[int] = []
+    gate, entered = threading.Event(), threading.Event()
+    loader = watched_tokenizer_loader(encoded, gate, entered, block_above=200)
+    with make_client(settings_for(app_checkpoint), loader=loader) as client, ThreadPoolExecutor(2) as pool:
+        try:
+            slow = pool.submit(client.post, path, json=body("hello " * 36))
+            assert entered.wait(20), "the long text was never tokenized"
+            # the tokenizer is busy with the long text; the server still answers meanwhile
+            probe = pool.submit(client.get, "/health")
+            assert probe.result(timeout=10).status_code == 200
+            assert not slow.done()
+        finally:
+            gate.set()
+        assert slow.result(timeout=20).status_code == 200, slow.result().text
+
+
+def test_a_prompt_too_long_by_its_characters_is_refused_before_tokenizing(app_checkpoint: Path) -> None:  # noqa: F811
+    encoded: list[int] = []
+    loader = watched_tokenizer_loader(encoded, threading.Event(), threading.Event(), block_above=10**9)
+    with make_client(settings_for(app_checkpoint), loader=loader) as client:
+        svc = client.app.state.seedling.service
+        huge = "lorem ipsum " * 80_000  # 960 KB, under the body limit
+        for path, body, param in (
+                ("/v1/completions", {"prompt": huge}, "prompt"),
+                ("/v1/completions", {"prompt": ["short", huge]}, "prompt"),
+                ("/v1/chat/completions", {"messages": [{"role": "user", "content": huge}]}, "messages"),
+                ("/chat", {"messages": [{"role": "user", "content": huge}]}, "messages"),
+                ("/translate", {"text": huge, "target_lang": "de"}, "text"),
+                ("/classify", {"text": huge, "labels": ["a", "b"]}, "text")):
+            encoded.clear()
+            r = client.post(path, json=body)
+            assert r.status_code == 400, (path, r.text)
+            assert error_of(r)["code"] == "context_length_exceeded" and error_of(r)["param"] == param, r.text
+            assert max(encoded, default=0) < len(huge) // 2, f"{path} tokenized {max(encoded)} characters first"
+        # the bound only refuses what cannot fit: more characters than max_model_len of the longest token
+        longest = max(len(svc.tokenizer.token_bytes(i)) for i in range(svc.tokenizer.vocab_size))
+        assert svc.prompts.max_chars >= svc.max_model_len * longest
+        assert f"{len(huge) + 2} characters" in error_of(r)["message"]  # /classify: the text and its labels

@@ -10,6 +10,8 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+from model.sampling import SamplingParams
+
 from ..errors import ApiError, Unavailable, to_api_error
 from ..protocol import ErrorResponse
 from ..service import Service
@@ -44,6 +46,23 @@ def get_service(request: Request) -> Service:
         raise Unavailable("model is loading; retry shortly", code="not_ready",
                           headers={"Retry-After": "5"})
     return state.service
+
+
+async def prompt_items(svc: Service, conversations: list[list[dict[str, str]]], params: SamplingParams,
+                     explicit_max_tokens: bool, param: str = "messages") -> list[tuple[list[int], SamplingParams]]:
+    """Each conversation -> (prompt ids, params fitted to it): refused by its characters first, then
+    rendered and tokenized off the event loop (see app/prompt_guard.py)."""
+    for conv in conversations:
+        svc.prompts.check((m["content"] for m in conv), param)
+
+    def build() -> list[tuple[list[int], SamplingParams]]:
+        items = []
+        for conv in conversations:
+            ids = svc.chat_prompt(conv)
+            items.append((ids, svc.fit(ids, params, explicit_max_tokens, param=param)))
+        return items
+
+    return await svc.prompts.run(build)
 
 
 def request_id(request: Request) -> str:

@@ -14,6 +14,8 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
+from model.sampling import SamplingParams
+
 from ..errors import InvalidRequest, NotFound
 from ..protocol import (
     AssistantMessage,
@@ -33,7 +35,16 @@ from ..protocol import (
     check_batch,
 )
 from ..service import Service
-from .common import ERROR_RESPONSES, SSE_RESPONSE, event_stream, get_service, request_id, sse, token_text
+from .common import (
+    ERROR_RESPONSES,
+    SSE_RESPONSE,
+    event_stream,
+    get_service,
+    prompt_items,
+    request_id,
+    sse,
+    token_text,
+)
 
 router = APIRouter(tags=["openai"])
 STARTED = int(time.time())
@@ -74,6 +85,16 @@ def _reason(out: Any) -> str | None:
     return None if reason is None else str(getattr(reason, "value", reason))
 
 
+def _completion_items(svc: Service, prompts: list[str | list[int]], params: SamplingParams, explicit: bool
+                      ) -> list[tuple[list[int], SamplingParams]]:
+    """(prompt ids, fitted params) per prompt; runs off the event loop (tokenizing)."""
+    items = []
+    for p in prompts:
+        ids = svc.text_prompt(p)
+        items.append((ids, svc.fit(ids, params, explicit, param="prompt")))
+    return items
+
+
 @router.get("/v1/models", response_model=ModelList)
 async def models(svc: Service = Depends(get_service)) -> ModelList:
     return ModelList(data=[ModelCard(id=svc.model_name, created=STARTED, max_model_len=svc.max_model_len)])
@@ -83,9 +104,8 @@ async def models(svc: Service = Depends(get_service)) -> ModelList:
 async def chat_completions(body: ChatCompletionRequest, request: Request,
                            svc: Service = Depends(get_service)) -> Any:
     _check_model(svc, body.model)
-    params = body.sampling_params(svc.limits)
-    ids = svc.chat_prompt([m.plain() for m in body.messages])
-    params = svc.fit(ids, params, body.explicit_max_tokens)
+    [(ids, params)] = await prompt_items(svc, [[m.plain() for m in body.messages]], body.sampling_params(svc.limits),
+                                       body.explicit_max_tokens)
     rid = "chatcmpl-" + request_id(request)
     if body.stream:
         created = int(time.time())
@@ -126,10 +146,10 @@ async def completions(body: CompletionRequest, request: Request, svc: Service = 
     params = body.sampling_params(svc.limits)
     prompts = body.prompts()
     check_batch(prompts, svc.limits, "prompt")
-    items = []
     for p in prompts:
-        ids = svc.text_prompt(p)
-        items.append((ids, svc.fit(ids, params, body.explicit_max_tokens, param="prompt")))
+        if isinstance(p, str):
+            svc.prompts.check([p], "prompt")
+    items = await svc.prompts.run(_completion_items, svc, prompts, params, body.explicit_max_tokens)
     echoes = [(p if isinstance(p, str) else svc.tokenizer.decode(p)) if body.echo else "" for p in prompts]
     rid = "cmpl-" + request_id(request)
     if body.stream:

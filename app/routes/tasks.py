@@ -37,7 +37,7 @@ from ..protocol import (
     check_batch,
 )
 from ..service import Generated, Service
-from .common import ERROR_RESPONSES, SSE_RESPONSE, event_stream, get_service, request_id, sse
+from .common import ERROR_RESPONSES, SSE_RESPONSE, event_stream, get_service, prompt_items, request_id, sse
 
 router = APIRouter(tags=["tasks"])
 
@@ -58,11 +58,8 @@ def _total(items: list[Any]) -> Usage:
 async def chat(body: ChatRequest, request: Request, svc: Service = Depends(get_service)) -> Any:
     conversations, is_batch = body.conversations()
     check_batch(conversations, svc.limits, "messages")
-    params = body.sampling_params(svc.limits)
-    items = []
-    for conv in conversations:
-        ids = svc.chat_prompt([m.model_dump() for m in conv])
-        items.append((ids, svc.fit(ids, params, body.explicit_max_tokens)))
+    items = await prompt_items(svc, [[m.model_dump() for m in conv] for conv in conversations],
+                             body.sampling_params(svc.limits), body.explicit_max_tokens)
     rid = request_id(request)
     if body.stream:
         if is_batch:
@@ -90,11 +87,7 @@ async def chat(body: ChatRequest, request: Request, svc: Service = Depends(get_s
 
 async def _text_task(request: Request, svc: Service, body: Any, texts: list[str], is_batch: bool,
                      messages: list[list[dict[str, str]]], endpoint: str) -> Any:
-    params = body.sampling_params(svc.limits)
-    items = []
-    for conv in messages:
-        ids = svc.chat_prompt(conv)
-        items.append((ids, svc.fit(ids, params, body.explicit_max_tokens, param="text")))
+    items = await prompt_items(svc, messages, body.sampling_params(svc.limits), body.explicit_max_tokens, param="text")
     rid = request_id(request)
     results = await svc.complete_many(request, rid, items, endpoint)
     text_items = [TextItem(text=g.text.strip(), finish_reason=g.finish_reason, usage=_usage(g)) for g in results]
@@ -139,6 +132,8 @@ async def classify(body: ClassifyRequest, request: Request, svc: Service = Depen
     `multi_label`: each label scored on its own as exp(mean token log-probability) of its
     answer — in (0, 1], not normalized across labels; `labels` lists those >= `threshold`."""
     texts, is_batch = as_list(body.text)
+    for text in texts:  # refused by its characters before the service tokenizes it
+        svc.prompts.check([text, *(body.labels or [])], "text")
     check_batch(texts, svc.limits, "text")
     scored = await svc.classify(request, texts, body.labels, body.multi_label, body.threshold,
                                 body.label_set)

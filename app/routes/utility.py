@@ -31,11 +31,11 @@ PROBE_RESPONSES: dict[int | str, dict[str, Any]] = {503: {"model": ErrorResponse
 async def tokenize(body: TokenizeRequest, svc: Service = Depends(get_service)) -> TokenizeResponse:
     if (body.text is None) == (body.messages is None):
         raise InvalidRequest("give exactly one of text or messages", param="text")
-    if body.text is not None:
+    if body.text is not None:  # off the event loop: up to the body limit of text to count
         add_bos = body.add_special_tokens and svc.tokenizer.bos_id is not None
-        ids = svc.tokenizer.encode(body.text, add_bos=add_bos)
+        ids = await svc.prompts.run(svc.tokenizer.encode, body.text, add_bos)
     else:
-        ids = svc.chat_prompt([m.model_dump() for m in body.messages or []])
+        ids = await svc.prompts.run(svc.chat_prompt, [m.model_dump() for m in body.messages or []])
     return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=svc.max_model_len)
 
 
