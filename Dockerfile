@@ -3,7 +3,11 @@
 #   docker build --network host -t seedling .                                   # CPU torch (default)
 #   docker build --network host -t seedling:cuda \
 #       --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 .         # CUDA torch
-#   docker run --rm --network host -v seedling-data:/data seedling               # serves on :8000
+#   docker run --rm --network host -v seedling-data:/data -e SEEDLING_API_KEYS=change-me seedling   # :8000
+#
+# The server binds 0.0.0.0 here, so it refuses to start without a key: SEEDLING_API_KEYS, a key file
+# (SEEDLING_API_KEYS_FILE, or a Docker secret named seedling_api_keys, read from /run/secrets), or
+# SEEDLING_ALLOW_UNAUTHENTICATED=1 to serve without authentication on purpose (README "Security").
 #
 # Python is installed by .ci/setup.sh, the same script as the README quick start and CI, so a green
 # CI run proves this image's Python set-up. No weights and no secrets are baked in: checkpoints live

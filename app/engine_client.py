@@ -16,7 +16,8 @@ Threading: the event loop only enqueues commands (add / abort / score / stop) an
 stream; the engine thread drains commands between steps, calls `engine.step()`, and hands each
 step's outputs to the right event loop with ONE `call_soon_threadsafe` per loop per step.
 If `step()` raises, every open stream gets the error, `failure` is set (/health turns red) and
-the thread stops; nothing is retried.
+the thread stops; nothing is retried. The thread beats `heartbeat` (time.monotonic()) at least every
+HEARTBEAT_S, busy or idle, so a hung step shows as a stale heartbeat (`stalled_s`).
 
 Engine request keys are made here (a counter), never taken from the caller: a client-chosen
 X-Request-Id may collide with another request's, and a key collision would reject one request
@@ -80,6 +81,7 @@ class Reservation:
 
 
 _STOP = object()
+HEARTBEAT_S = 1.0  # the idle engine thread wakes this often just to beat
 
 
 class EngineClient:
@@ -96,6 +98,7 @@ class EngineClient:
         self._in_flight = 0
         self._keys = itertools.count()
         self._thread: threading.Thread | None = None
+        self.heartbeat = time.monotonic()  # written by the engine thread once per loop
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> EngineClient:
@@ -119,9 +122,18 @@ class EngineClient:
     def in_flight(self) -> int:
         return self._in_flight
 
+    def stalled_s(self) -> float:
+        """Seconds since the engine thread last beat: about 0 while it steps or idles, growing while
+        one step (or engine call) hangs."""
+        return time.monotonic() - self.heartbeat
+
     def begin_drain(self) -> None:
         """Stop admitting; in-flight requests continue."""
         self.draining = True
+
+    def fail_all(self, error: BaseException) -> None:
+        """End every open request with `error` (the drain timeout passed); the engine keeps running."""
+        self._commands.put(("fail_all", error))
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no request is in flight (True) or the timeout passes (False)."""
@@ -219,11 +231,12 @@ class EngineClient:
         try:
             self._snapshot()
             while True:
+                self.heartbeat = time.monotonic()
                 busy = self.engine.has_unfinished()
-                # 1. commands: block while idle, otherwise take whatever is queued
+                # 1. commands: wait (one heartbeat at most) while idle, otherwise take whatever is queued
                 while True:
                     try:
-                        command = self._commands.get(block=not busy)
+                        command = self._commands.get(block=not busy, timeout=None if busy else HEARTBEAT_S)
                     except queue.Empty:
                         break
                     if command[0] == "stop":
@@ -256,6 +269,8 @@ class EngineClient:
             if self._streams.pop(command[1], None) is not None:
                 self.engine.abort(command[1])
                 self._snapshot()
+        elif kind == "fail_all":
+            self._fail_streams(command[1])
         elif kind == "call":
             _, future, fn, args = command
             if future.set_running_or_notify_cancel():
@@ -287,13 +302,17 @@ class EngineClient:
         except Exception:  # stats are best effort
             log.debug("engine.stats() failed", exc_info=True)
 
-    def _shutdown(self, error: BaseException) -> None:
-        """Fail every open stream and pending command with `error`."""
+    def _fail_streams(self, error: BaseException) -> None:
         for request_id, stream in list(self._streams.items()):
             with contextlib.suppress(Exception):  # the engine may be broken; streams still get the error
                 self.engine.abort(request_id)
             self._deliver(stream, error)
         self._streams.clear()
+        self._snapshot()
+
+    def _shutdown(self, error: BaseException) -> None:
+        """Fail every open stream and pending command with `error`."""
+        self._fail_streams(error)
         while True:
             try:
                 command = self._commands.get_nowait()

@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.staticfiles import StaticFiles
 
 from .engine_client import EngineClient
-from .errors import KIND_BY_STATUS, STATUS, ApiError, InternalError, error_envelope
+from .errors import KIND_BY_STATUS, STATUS, ApiError, InternalError, Unavailable, error_envelope
 from .metrics import Metrics
 from .middleware import RequestContextMiddleware, install_log_filter
 from .routes import openai, tasks, utility
@@ -35,6 +35,7 @@ from .settings import ServerSettings
 
 log = logging.getLogger("seedling.app")
 STATIC_DIR = Path(__file__).parent / "static"
+DRAIN_GRACE_S = 5.0  # after the drain timeout: time for the error events and [DONE] to reach clients
 
 
 @dataclass
@@ -56,6 +57,35 @@ class AppState:
     service: Service | None = None
     load_error: str | None = None
     warm: bool = False
+    drain_timer: asyncio.TimerHandle | None = None
+
+    def engine_problem(self) -> tuple[str, str] | None:
+        """(code, message) when the engine thread died or stopped beating (hung), else None.
+        /health reports it and `python -m app` exits non-zero on it, so a supervisor restarts us."""
+        client = self.client
+        if client is None:
+            return None
+        if client.failure is not None:
+            return "engine_failed", f"engine failed: {client.failure!r}"
+        stalled, limit = client.stalled_s(), self.settings.engine_stall_timeout_s
+        if stalled > limit:
+            return "engine_stalled", f"engine stalled: no heartbeat for {stalled:.0f}s (limit {limit:g}s)"
+        return None
+
+    def begin_drain(self) -> None:
+        """Stop admitting now; once drain_timeout_s has passed, end what still runs with an error
+        (an SSE error event then [DONE], or a 503) before the server would cut it. On the event loop."""
+        if self.client is None or self.drain_timer is not None:
+            return
+        self.client.begin_drain()
+        self.drain_timer = asyncio.get_running_loop().call_later(self.settings.drain_timeout_s, self._drain_timeout)
+
+    def _drain_timeout(self) -> None:
+        client = self.client
+        if client is not None and client.in_flight:
+            log.warning("drain timeout (%gs): ending %d in-flight requests with an error",
+                        self.settings.drain_timeout_s, client.in_flight)
+            client.fail_all(Unavailable("server shut down: the drain timeout passed", code="drain_timeout"))
 
 
 def load_model(settings: ServerSettings) -> Loaded:
@@ -63,7 +93,7 @@ def load_model(settings: ServerSettings) -> Loaded:
     import torch
 
     from model.checkpoint import load_checkpoint
-    from model.engine import EngineConfig, LLMEngine
+    from model.engine import LLMEngine
     from model.quantize import optimize_for_inference
 
     device = settings.device
@@ -78,10 +108,7 @@ def load_model(settings: ServerSettings) -> Loaded:
     if max_model_len < settings.max_model_len:
         log.warning("max_model_len %d lowered to the model's max_seq_len %d", settings.max_model_len,
                     max_model_len)
-    config = EngineConfig(max_num_seqs=settings.max_num_seqs, max_model_len=max_model_len,
-                          max_num_batched_tokens=max(settings.max_num_batched_tokens, settings.max_num_seqs),
-                          prefill_chunk=settings.prefill_chunk, enable_prefix_caching=settings.prefix_caching,
-                          cuda_graphs=settings.cuda_graphs)
+    config = settings.engine_config(max_model_len)
     model = optimize_for_inference(ckpt.model, quantize=settings.quantize, tokenizer=ckpt.tokenizer)
     engine = LLMEngine(model, ckpt.tokenizer, config)
     name = settings.model_name or str(ckpt.meta.get("name") or Path(path).resolve().name)
@@ -98,8 +125,7 @@ async def _start(app: FastAPI, state: AppState, loader: Callable[[ServerSettings
         loaded = await asyncio.to_thread(loader, settings)
         client = EngineClient(loaded.engine, admission_limit=settings.admission_limit).start()
         state.client = client
-        effective = settings if loaded.max_model_len == settings.max_model_len else _with_len(
-            settings, loaded.max_model_len)
+        effective = settings.model_copy(update={"max_model_len": loaded.max_model_len})
         state.service = Service(effective, loaded.tokenizer, client, loaded.model_name, loaded.meta,
                                 state.metrics)
         if settings.warmup:
@@ -109,12 +135,6 @@ async def _start(app: FastAPI, state: AppState, loader: Callable[[ServerSettings
     except Exception as exc:  # noqa: BLE001 - reported by /health and /ready
         log.exception("startup failed")
         state.load_error = f"{type(exc).__name__}: {exc}"
-
-
-def _with_len(settings: ServerSettings, max_model_len: int) -> ServerSettings:
-    import dataclasses
-
-    return dataclasses.replace(settings, max_model_len=max_model_len)
 
 
 async def _warmup(svc: Service) -> None:
@@ -129,7 +149,7 @@ async def _warmup(svc: Service) -> None:
 
 def create_app(settings: ServerSettings | None = None,
                loader: Callable[[ServerSettings], Loaded] = load_model) -> FastAPI:
-    settings = settings or ServerSettings.from_env()
+    settings = settings or ServerSettings()
     state = AppState(settings)
     state.metrics = Metrics(state)
     install_log_filter(settings.log_level)
@@ -142,9 +162,9 @@ def create_app(settings: ServerSettings | None = None,
         finally:
             starting.cancel()
             if state.client is not None:
-                state.client.begin_drain()
-                if not await state.client.wait_idle(settings.drain_timeout_s):
-                    log.warning("drain timeout: aborting %d requests", state.client.in_flight)
+                state.begin_drain()
+                if state.engine_problem() is None:  # a dead or hung engine finishes nothing
+                    await state.client.wait_idle(settings.drain_timeout_s + DRAIN_GRACE_S)
                 await asyncio.to_thread(state.client.stop)
 
     app = FastAPI(title="Seedling", version="0.1.0", lifespan=lifespan,
@@ -157,16 +177,24 @@ def create_app(settings: ServerSettings | None = None,
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],
                            allow_headers=["*"], expose_headers=["X-Request-Id"])
-    app.add_middleware(RequestContextMiddleware, settings=settings)
     static = Path(settings.static_dir) if settings.static_dir else STATIC_DIR
+    app.add_middleware(RequestContextMiddleware, settings=settings, public_files=_playground_paths(static))
     if static.is_dir():
         app.mount("/", _StaticOr404(directory=static, html=True), name="static")
     return app
 
 
+def _playground_paths(static: Path) -> frozenset[str]:
+    """Route paths of the playground's files: served without a key (the page asks for one and sends it)."""
+    if not static.is_dir():
+        return frozenset()
+    files = {"/" + p.relative_to(static).as_posix() for p in static.rglob("*") if p.is_file()}
+    return frozenset(files | ({"/"} if "/index.html" in files else set()))
+
+
 def app_from_env() -> FastAPI:
     """Factory for `uvicorn --factory app.main:app_from_env`."""
-    return create_app(ServerSettings.from_env())
+    return create_app(ServerSettings())
 
 
 class _StaticOr404(StaticFiles):

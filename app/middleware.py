@@ -1,7 +1,11 @@
-"""Pure-ASGI middleware: request id, access log, body-size limit, API-key auth.
+"""Pure-ASGI middleware: request id, access log, API-key auth, body-size limit.
 
 Pure ASGI (not BaseHTTPMiddleware) so streaming responses and client disconnects pass through
-untouched. Order per request: request id -> body limit (413) -> API key (401) -> the app.
+untouched. Order per request: request id -> API key (401, from the headers alone: an unauthenticated
+body is never read) -> body limit (413) -> the app.
+Auth is deny-by-default: with keys set, every path needs one except SEEDLING_OPEN_PATHS and the
+playground's own files, matched on the route path (the root path stripped, so `uvicorn --root-path`
+and prefix-stripping proxies change nothing). /docs and /openapi.json need a key too.
 Prompts and outputs never reach these logs; only method, path, status, time and the request id.
 """
 
@@ -21,8 +25,6 @@ from .settings import ServerSettings
 
 log = logging.getLogger("seedling.access")
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
-OPEN_PATHS = ("/health", "/ready", "/metrics")
-API_PREFIXES = ("/v1/", "/chat", "/summarize", "/translate", "/classify", "/tokenize", "/detokenize")
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 Scope = dict[str, Any]
@@ -48,6 +50,14 @@ def install_log_filter(level: str) -> None:
         logger.propagate = False
 
 
+def route_path(scope: Scope) -> str:
+    """The path the router matches: `path` without `root_path` (ASGI servers include it in `path`)."""
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root):len(root) + 1] in ("", "/"):
+        return path[len(root):] or "/"
+    return path
+
+
 async def _send_error(send: Any, status: int, message: str, type_: str, extra: list[tuple[bytes, bytes]],
                       code: str | None = None) -> None:
     body = json.dumps(error_envelope(message, type_, None, code)).encode()
@@ -57,10 +67,13 @@ async def _send_error(send: Any, status: int, message: str, type_: str, extra: l
 
 
 class RequestContextMiddleware:
-    def __init__(self, app: Any, settings: ServerSettings) -> None:
+    def __init__(self, app: Any, settings: ServerSettings, public_files: frozenset[str] = frozenset()) -> None:
+        """`public_files`: route paths of the playground's static files (a page that asks for the key)."""
         self.app = app
         self.settings = settings
         self.keys = [k.encode() for k in settings.api_keys]
+        self.open_paths = frozenset(settings.open_paths)
+        self.public_files = public_files
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -83,12 +96,12 @@ class RequestContextMiddleware:
             await send(message)
 
         try:
-            receive = await self._limit_body(scope, headers, receive, send_with_id)
-            if receive is None:
-                return
-            if scope["method"] != "OPTIONS" and not self._authorized(scope["path"], headers):
+            if not self._authorized(scope, headers):
                 await _send_error(send_with_id, 401, "missing or invalid API key (Authorization: Bearer <key>)",
                                   STATUS["unauthorized"][1], [(b"www-authenticate", b"Bearer")], "invalid_api_key")
+                return
+            receive = await self._limit_body(scope, headers, receive, send_with_id)
+            if receive is None:
                 return
             await self.app(scope, receive, send_with_id)
         finally:
@@ -96,8 +109,11 @@ class RequestContextMiddleware:
                      (time.perf_counter() - t0) * 1000)
             request_id_var.reset(token)
 
-    def _authorized(self, path: str, headers: dict[str, str]) -> bool:
-        if not self.keys or path in OPEN_PATHS or not path.startswith(API_PREFIXES):
+    def _authorized(self, scope: Scope, headers: dict[str, str]) -> bool:
+        if not self.keys or scope["method"] == "OPTIONS":  # CORS preflights carry no credentials
+            return True
+        path = route_path(scope)
+        if path in self.open_paths or (scope["method"] in ("GET", "HEAD") and path in self.public_files):
             return True
         auth = headers.get("authorization", "")
         given = auth[7:].strip() if auth[:7].lower() == "bearer " else headers.get("x-api-key", "")

@@ -1,101 +1,152 @@
-"""ServerSettings: every knob of the HTTP service, read from SEEDLING_* environment variables.
+"""ServerSettings: every knob of the HTTP service, from SEEDLING_* variables (pydantic-settings).
 
-    settings = ServerSettings.from_env()            # os.environ
-    settings = ServerSettings(checkpoint="ckpt/", max_num_seqs=4)   # tests, explicit
+    settings = ServerSettings()                                      # environment, ./.env, /run/secrets
+    settings = ServerSettings(checkpoint="ckpt/", max_num_seqs=4)    # explicit values win (tests, CLI flags)
 
-Each field below is one environment variable: `max_num_seqs` <- `SEEDLING_MAX_NUM_SEQS`.
-Values are validated in `__post_init__`; a mistyped or unknown SEEDLING_* variable fails loudly
-at startup instead of being ignored. `checkpoint=None` means the default SmolLM2 checkpoint,
-fetched and converted on first start (`model.convert.ensure_default_model`).
+Each field is one variable (`max_num_seqs` <- `SEEDLING_MAX_NUM_SEQS`), read from the environment, a
+`.env` file in the working directory, then Docker secrets (`/run/secrets/seedling_api_keys`). The
+engine's knobs take their names and defaults from `EngineConfig`. A bad value, an unknown SEEDLING_*
+name or an unsafe combination raises `SettingsError` naming the variable and the valid values.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
+import difflib
+import ipaddress
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SecretsSettingsSource,
+    SettingsConfigDict,
+)
 
 from model.config import QUANTIZATIONS
+from model.engine import EngineConfig
 
 ENV_PREFIX = "SEEDLING_"
-# SEEDLING_* variables that belong to other parts of Seedling (not server settings)
+SECRETS_DIR = Path("/run/secrets")  # Docker/compose secrets; read only when present
+# SEEDLING_* variables of other parts of Seedling, read from the environment only (not from .env)
 FOREIGN_ENV = frozenset({"SEEDLING_HOME", "SEEDLING_NATIVE_DIR"})  # model/: data home, native kernels
+_ENGINE = EngineConfig()  # the engine's defaults, read (never restated) by the fields below
+CommaList = Annotated[tuple[str, ...], NoDecode]  # "a, b," (or lines) in the environment -> ("a", "b")
+Source = PydanticBaseSettingsSource
 
 
 class SettingsError(ValueError):
     """A bad server setting (the message names the environment variable)."""
 
 
-def _csv(value: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in value.split(",") if part.strip())
+class ServerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_file=".env", dotenv_filtering="match_prefix",
+                                      env_ignore_empty=True, extra="forbid", validate_by_name=True)
 
+    # ---- model and engine
+    checkpoint: str | None = Field(None, description="checkpoint directory; unset = default SmolLM2")
+    model_name: str | None = Field(None, description="name in /v1/models and `model`; unset = dir name")
+    device: str = Field("auto", description="auto (cuda when present, else cpu) | cpu | cuda | cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on cuda, f32 on cpu
+    quantize: Literal[("none", *QUANTIZATIONS)] = "none"  # type: ignore[valid-type]  # see bench/quality.py
+    max_num_seqs: int = Field(_ENGINE.max_num_seqs, ge=1, description="sequences decoded together")
+    max_model_len: int = Field(_ENGINE.max_model_len, ge=16, description="prompt + generated tokens")
+    max_num_batched_tokens: int = Field(_ENGINE.max_num_batched_tokens, ge=1, description="tokens per step")
+    prefill_chunk: int = Field(_ENGINE.prefill_chunk, ge=1, description="longest prefill piece per step")
+    enable_prefix_caching: bool = Field(_ENGINE.enable_prefix_caching, validation_alias="SEEDLING_PREFIX_CACHING",
+                                        description="reuse the K/V of a shared prompt prefix")
+    cuda_graphs: bool = Field(_ENGINE.cuda_graphs, description="replay GPU decode steps as CUDA graphs")
+    warmup: bool = Field(True, description="run one tiny generation before /ready turns green")
+    engine_stall_timeout_s: float = Field(120.0, ge=2, description="a step hanging longer: /health 503, exit 1")
+    # ---- requests
+    max_tokens_default: int = Field(256, ge=1, description="max new tokens when a request does not say")
+    max_tokens_limit: int = Field(1024, ge=1, description="the most new tokens a request may ask for")
+    max_queued_requests: int = Field(64, ge=0, description="items waiting beyond max_num_seqs before 429")
+    max_batch_items: int = Field(64, ge=1, description="items in one list input (texts, prompts)")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="larger request bodies get 413")
+    request_timeout_s: float = Field(300.0, gt=0, description="per-request deadline (504, aborted)")
+    default_system_prompt: str | None = Field(None, description="system message added when a chat has none")
+    # ---- access
+    api_keys: CommaList = Field((), repr=False, description="accepted bearer keys (comma list)")
+    api_keys_file: str | None = Field(None, description="file with more keys, one per line (Docker secret)")
+    allow_unauthenticated: bool = Field(False, description="allow a non-loopback bind without keys")
+    open_paths: CommaList = Field(("/health", "/ready", "/metrics"), description="paths that need no key")
+    cors_origins: CommaList = Field((), description="allowed CORS origins (\"*\" for any); empty = no CORS")
+    # ---- process
+    host: str = Field("127.0.0.1", description="bind address of `python -m app`")
+    port: int = Field(8000, ge=1, le=65535, description="bind port of `python -m app`")
+    drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM: seconds in-flight requests get")
+    log_level: Annotated[Literal["debug", "info", "warning", "error", "critical"], BeforeValidator(str.lower)] = "info"
+    log_prompts: bool = Field(False, description="log prompts and outputs (off: privacy)")
+    static_dir: str | None = Field(None, description="playground files served at /; unset = app/static")
 
-@dataclass
-class ServerSettings:
-    checkpoint: str | None = None  # checkpoint directory; None = default SmolLM2 (fetched on first start)
-    model_name: str | None = None  # name served in /v1/models and accepted as `model`; None = dir name
-    device: str = "auto"  # auto (cuda when present, else cpu) | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto (bfloat16 on cuda, float32 on cpu) | float32 | bfloat16 | float16
-    max_num_seqs: int = 16  # sequences decoded together (KV-cache slots)
-    max_model_len: int = 2048  # prompt + generated tokens per sequence
-    max_num_batched_tokens: int = 512  # tokens per engine step (prefill chunks + decodes)
-    prefill_chunk: int = 256  # longest prefill piece per sequence per step (bounds decode stalls)
-    prefix_caching: bool = True  # reuse the K/V of a shared prompt prefix (long system prompts)
-    cuda_graphs: bool = False  # on a GPU, replay decode steps as CUDA graphs (opt-in; bench/gpu_check.py)
-    quantize: str = "none"  # none | int8 (weight-only) | w8a8 (int8 weights + activations, CPU) | q4 (Q4_1 blocks, native CPU forward); bench/quality.py
-    max_tokens_default: int = 256  # max new tokens when a request does not say
-    max_tokens_limit: int = 1024  # the most new tokens a request may ask for (400 above)
-    max_queued_requests: int = 64  # requests waiting beyond max_num_seqs before 429 overloaded
-    request_timeout_s: float = 300.0  # per-request deadline (504 after it; the request is aborted)
-    api_keys: tuple[str, ...] = ()  # accepted bearer keys (comma list in env); empty = no auth
-    cors_origins: tuple[str, ...] = ()  # allowed CORS origins (comma list; "*" for any); empty = no CORS
-    default_system_prompt: str | None = None  # system message added when a chat has none
-    log_level: str = "info"  # debug | info | warning | error
-    log_prompts: bool = False  # log prompts and outputs (off by default: privacy)
-    host: str = "127.0.0.1"  # bind address for `python -m app`
-    port: int = 8000  # bind port for `python -m app`
-    drain_timeout_s: float = 30.0  # on SIGTERM: seconds to let in-flight requests finish
-    max_body_bytes: int = 1_000_000  # larger request bodies get 413
-    max_batch_items: int = 64  # items in one list input (/summarize texts, /v1/completions prompts)
-    warmup: bool = True  # run one tiny generation before /ready turns green
-    static_dir: str | None = None  # playground files served at /; None = app/static if present
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise SettingsError(_explain(exc)) from None
 
-    def __post_init__(self) -> None:
-        self.api_keys = tuple(self.api_keys)
-        self.cors_origins = tuple(self.cors_origins)
-        self.log_level = self.log_level.lower()
-        checks = [
-            (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
-             "device", "must be auto, cpu, cuda or cuda:N"),
-            (self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype",
-             "must be auto, float32, bfloat16 or float16"),
-            (self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1"),
-            (self.max_model_len >= 16, "max_model_len", "must be >= 16"),
-            (self.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be >= 1"),
-            (self.prefill_chunk >= 1, "prefill_chunk", "must be >= 1"),
-            (self.quantize in ("none", *QUANTIZATIONS), "quantize", f"must be none or one of {', '.join(QUANTIZATIONS)}"),
-            (1 <= self.max_tokens_default <= self.max_tokens_limit, "max_tokens_default",
-             "must be in [1, max_tokens_limit]"),
-            (self.max_queued_requests >= 0, "max_queued_requests", "must be >= 0"),
-            (self.request_timeout_s > 0, "request_timeout_s", "must be > 0"),
-            (self.log_level in ("debug", "info", "warning", "error", "critical"), "log_level",
-             "must be debug, info, warning, error or critical"),
-            (0 < self.port < 65536, "port", "must be in 1..65535"),
-            (self.drain_timeout_s >= 0, "drain_timeout_s", "must be >= 0"),
-            (self.max_body_bytes >= 1024, "max_body_bytes", "must be >= 1024"),
-            (self.max_batch_items >= 1, "max_batch_items", "must be >= 1"),
-            (all(self.api_keys), "api_keys", "must not contain empty keys"),
-        ]
-        for ok, name, why in checks:
-            if not ok:
-                raise SettingsError(f"{ENV_PREFIX}{name.upper()} {why}, got {getattr(self, name)!r}")
+    @field_validator("api_keys", "open_paths", "cors_origins", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        return _split(value) if isinstance(value, str) else value
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+            return value
+        raise ValueError("must be auto, cpu, cuda or cuda:N")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServerSettings:
+        if self.max_tokens_default > self.max_tokens_limit:
+            raise ValueError(f"SEEDLING_MAX_TOKENS_DEFAULT={self.max_tokens_default} must be <= "
+                             f"SEEDLING_MAX_TOKENS_LIMIT={self.max_tokens_limit}")
+        if self.max_batch_items > self.admission_limit:
+            raise ValueError(
+                f"SEEDLING_MAX_BATCH_ITEMS={self.max_batch_items} is larger than the admission limit "
+                f"SEEDLING_MAX_NUM_SEQS + SEEDLING_MAX_QUEUED_REQUESTS = {self.admission_limit}: a request "
+                "with that many items could never be admitted (429 forever); lower it or raise the others")
+        if self.api_keys_file:
+            self.api_keys = (*self.api_keys, *_read_keys(self.api_keys_file))
+        if not all(self.api_keys):
+            raise ValueError("SEEDLING_API_KEYS must not contain empty keys")
+        if not self.api_keys and not self.allow_unauthenticated and not _is_loopback(self.host):
+            raise ValueError(
+                f"SEEDLING_HOST={self.host} is reachable from other machines but no API key is set: give "
+                "SEEDLING_API_KEYS or SEEDLING_API_KEYS_FILE, bind 127.0.0.1, or set "
+                "SEEDLING_ALLOW_UNAUTHENTICATED=1 to serve without authentication on purpose")
+        return self
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: Source, env_settings: Source,
+                                   dotenv_settings: Source, file_secret_settings: Source) -> tuple[Source, ...]:
+        """The default order (explicit, environment, .env, secrets) after refusing unknown SEEDLING_*
+        names: pydantic-settings would silently ignore a mistyped variable."""
+        for source, where in ((env_settings, "the environment"), (dotenv_settings, ".env")):
+            if isinstance(source, EnvSettingsSource):
+                _refuse_unknown(source.env_vars, where)
+        secrets = (SecretsSettingsSource(settings_cls, secrets_dir=SECRETS_DIR),) if SECRETS_DIR.is_dir() else ()
+        return (init_settings, env_settings, dotenv_settings, *secrets)
 
     @property
     def admission_limit(self) -> int:
         """Requests (items) in flight at most: running slots plus the waiting queue."""
         return self.max_num_seqs + self.max_queued_requests
+
+    def engine_config(self, max_model_len: int) -> EngineConfig:
+        """The engine's config from the fields that share its names; `max_model_len` as the model allows."""
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(EngineConfig)
+                  if f.name in type(self).model_fields}
+        shared["max_num_batched_tokens"] = max(self.max_num_batched_tokens, self.max_num_seqs)
+        return EngineConfig(**{**shared, "max_model_len": max_model_len})
 
     def resolve_checkpoint(self) -> Path:
         """The checkpoint directory; fetches and converts the default model when none is set."""
@@ -106,44 +157,61 @@ class ServerSettings:
         return Path(ensure_default_model())
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> ServerSettings:
-        """Settings from SEEDLING_* variables (unknown ones raise), then explicit overrides."""
-        environ = os.environ if environ is None else environ
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        values: dict[str, object] = {}
-        for key, raw in environ.items():
-            if not key.startswith(ENV_PREFIX) or key in FOREIGN_ENV:
-                continue
-            name = key[len(ENV_PREFIX):].lower()
-            if name not in fields:
-                known = ", ".join(ENV_PREFIX + n.upper() for n in fields)
-                raise SettingsError(f"unknown setting {key}; known: {known}")
-            values[name] = _parse(key, raw, str(fields[name].type))
-        values.update(overrides)
-        return cls(**values)  # type: ignore[arg-type]
-
-    def env_table(self) -> list[tuple[str, str, str]]:
-        """(variable, default, help) rows for the README, from the field comments' defaults."""
-        return [(ENV_PREFIX + f.name.upper(), repr(getattr(self, f.name)), str(f.type))
-                for f in dataclasses.fields(self)]
+    def env_names(cls) -> dict[str, str]:
+        """{SEEDLING_NAME: field name} for every setting."""
+        return {f.validation_alias if isinstance(f.validation_alias, str) else ENV_PREFIX + name.upper(): name
+                for name, f in cls.model_fields.items()}
 
 
-def _parse(key: str, raw: str, type_name: str) -> object:
-    raw = raw.strip()
+# ----------------------------------------------------------------------------
+# errors that name the variable
+
+def _refuse_unknown(env_vars: Mapping[str, str | None], where: str) -> None:
+    known = ServerSettings.env_names()
+    allowed = known.keys() | (FOREIGN_ENV if where == "the environment" else frozenset())
+    for name in (key.upper() for key in env_vars):
+        if name.startswith(ENV_PREFIX) and name not in allowed:
+            close = difflib.get_close_matches(name, list(known), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise SettingsError(f"unknown setting {name} in {where}{hint}; known: {', '.join(sorted(known))}")
+
+
+def _explain(exc: ValidationError) -> str:
+    """One part per problem: `SEEDLING_PORT='http': Input should be a valid integer ...`."""
+    env = {field: name for name, field in ServerSettings.env_names().items()}
+    env.update({name: name for name in env.values()})  # an aliased field reports its alias
+    parts = []
+    for err in exc.errors():
+        message, where = err["msg"].removeprefix("Value error, "), str(err["loc"][0]) if err["loc"] else ""
+        if err["type"] == "extra_forbidden":
+            parts.append(f"unknown setting {where}; known: {', '.join(sorted(ServerSettings.model_fields))}")
+        elif where in env:
+            value = "" if where == "api_keys" else f"={err['input']!r}"  # never echo a key
+            parts.append(f"{env[where]}{value}: {message}")
+        else:  # a cross-field check: its message names the variables
+            parts.append(message)
+    return "; ".join(parts)
+
+
+def _split(text: str) -> tuple[str, ...]:
+    """Commas or whitespace: `k1, k2` in a variable, one key per line in a file."""
+    return tuple(part for part in re.split(r"[,\s]+", text) if part)
+
+
+def _read_keys(path: str) -> tuple[str, ...]:
+    """Keys from a file such as a Docker secret (`#` starts a comment line)."""
     try:
-        if type_name.startswith("tuple"):
-            return _csv(raw)
-        if type_name == "bool":
-            lowered = raw.lower()
-            if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
-                raise ValueError(raw)
-            return lowered in ("1", "true", "yes", "on")
-        if type_name == "int":
-            return int(raw.replace("_", ""))
-        if type_name == "float":
-            return float(raw)
-        if type_name == "str | None":
-            return raw or None
-        return raw
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise ValueError(f"SEEDLING_API_KEYS_FILE={path!r} cannot be read: {exc.strerror}") from None
+    keys = _split(" ".join(line for line in lines if not line.lstrip().startswith("#")))
+    if not keys:
+        raise ValueError(f"SEEDLING_API_KEYS_FILE={path!r} holds no key")
+    return keys
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
-        raise SettingsError(f"{key}={raw!r} is not a valid {type_name}") from None
+        return False

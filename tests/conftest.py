@@ -16,6 +16,7 @@ Treat these directories as read-only; copy them (shutil.copytree) before corrupt
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,15 @@ TINY_CORPUS = [
     "Translate to Chinese: I love reading books. 我喜欢读书。",
 ]
 TINY_SEED = 1234
+
+
+@pytest.fixture(autouse=True)
+def _no_server_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ServerSettings() reads SEEDLING_* variables: the developer's own never reach a test (model/'s
+    SEEDLING_HOME and SEEDLING_NATIVE_DIR stay)."""
+    for name in list(os.environ):
+        if name.startswith("SEEDLING_") and name not in ("SEEDLING_HOME", "SEEDLING_NATIVE_DIR"):
+            monkeypatch.delenv(name)
 
 
 @pytest.fixture(scope="session")

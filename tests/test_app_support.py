@@ -37,9 +37,9 @@ def app_checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_sp_tokenizer: 
 def settings_for(checkpoint: Path, **overrides: Any) -> ServerSettings:
     values: dict[str, Any] = dict(checkpoint=str(checkpoint), model_name="tiny", max_num_seqs=4,
                                   max_tokens_default=8, max_tokens_limit=64, max_queued_requests=8,
-                                  warmup=True, static_dir="/nonexistent")
+                                  max_batch_items=12, warmup=True, static_dir="/nonexistent")
     values.update(overrides)
-    return ServerSettings(**values)
+    return ServerSettings(_env_file=None, **values)  # no ./.env: tests see only these values
 
 
 def wait_ready(client: TestClient, timeout: float = 60.0) -> None:

@@ -11,9 +11,9 @@ names must exist in the code, so the docs cannot rot silently.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
+import os
 import re
 import shlex
 import shutil
@@ -68,7 +68,7 @@ def _known_env_vars() -> set[str]:
             names.update(re.findall(r"\bSEEDLING_[A-Z0-9_]*[A-Z0-9]\b", path.read_text()))
     settings = importlib.import_module("app.settings")
     cls = settings.ServerSettings
-    names.update(settings.ENV_PREFIX + f.name.upper() for f in dataclasses.fields(cls))
+    names.update(cls.env_names())
     names.update(getattr(settings, "FOREIGN_ENV", ()))
     return names
 
@@ -104,14 +104,21 @@ def test_dockerfile_contract() -> None:
         assert not re.search(r"\.env\b|checkpoints|\.safetensors|\.gguf|runs/", copy), copy
 
 
-def test_dockerfile_env_is_known_settings() -> None:
+def test_dockerfile_env_is_known_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     env = " ".join(a for w, a in _dockerfile_instructions() if w == "ENV")
     unknown = set(re.findall(r"\bSEEDLING_[A-Z0-9_]+", env)) - _known_env_vars()
     assert not unknown, f"Dockerfile sets SEEDLING_* variables the server does not know: {unknown}"
-    # and the server starts with exactly that environment (an unknown SEEDLING_* variable is fatal)
+    # the server reads exactly that environment (an unknown SEEDLING_* variable is fatal): the image binds
+    # 0.0.0.0, so it refuses to start without a key, and starts with one or with the explicit opt-out
     settings = importlib.import_module("app.settings")
     image_env = dict(re.findall(r"\b(SEEDLING_[A-Z0-9_]+)=(\S+)", env))
-    assert settings.ServerSettings.from_env(image_env).port == int(image_env["SEEDLING_PORT"])
+    monkeypatch.chdir(tmp_path)  # no .env
+    monkeypatch.setattr(os, "environ", image_env)
+    with pytest.raises(settings.SettingsError, match="no API key is set: give SEEDLING_API_KEYS"):
+        settings.ServerSettings()
+    for extra in ({"SEEDLING_API_KEYS": "k1"}, {"SEEDLING_ALLOW_UNAUTHENTICATED": "1"}):
+        monkeypatch.setattr(os, "environ", {**image_env, **extra})
+        assert settings.ServerSettings().port == int(image_env["SEEDLING_PORT"])
 
 
 def test_dockerignore_is_an_allow_list() -> None:

@@ -55,13 +55,15 @@ def _unhealthy(message: str, code: str) -> JSONResponse:
 
 @router.get("/health", response_model=HealthResponse, responses=PROBE_RESPONSES)
 async def health(request: Request) -> Any:
-    """Liveness: red (503) only when the engine thread failed or the model could not load."""
+    """Liveness: red (503) when the model could not load, the engine thread failed, or it stopped
+    beating (a step hangs past SEEDLING_ENGINE_STALL_TIMEOUT_S)."""
     state = request.app.state.seedling
     if state.load_error is not None:
         return _unhealthy(f"model failed to load: {state.load_error}", "load_failed")
-    client = state.client
-    if client is not None and client.failure is not None:
-        return _unhealthy(f"engine failed: {client.failure!r}", "engine_failed")
+    problem = state.engine_problem()
+    if problem is not None:
+        code, message = problem
+        return _unhealthy(message, code)
     return HealthResponse(status="ok", detail="loading" if state.service is None else None)
 
 
