@@ -6,6 +6,7 @@
     seedling-train finetune --preset cpu-demo --init_from runs/demo/pretrain/checkpoint --out_dir runs/demo/sft
     seedling-train adapt --preset translate-de --time_budget_min 20     (a LoRA task adapter)
     seedling-train evaluate --preset cpu-demo --checkpoint runs/demo/sft/checkpoint --out_dir runs/demo/eval
+    seedling-train head --name banking77 --adapters_dir adapters       (a classification head)
     seedling-train <job> --help
 
 Each job is also `python -m training.<job>`; this only dispatches to the job's `cli()`.
@@ -16,7 +17,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-JOBS = ("prepare_data", "train_tokenizer", "pretrain", "finetune", "adapt", "evaluate")
+JOBS = ("prepare_data", "train_tokenizer", "pretrain", "finetune", "adapt", "evaluate", "head")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,149 @@
+"""Frozen features of a base model: pooled hidden states of its first k blocks, for classification heads.
+
+    spec = FeatureSpec(layer=12, pooling="mean")
+    feats = extract_features(model, tokenizer, texts, spec)     # (N, spec.dim(model)) float32
+
+A head on frozen features needs one forward pass per text instead of one score per label, and a
+shallow exit (running only the first `layer` of the model's blocks) makes that pass proportionally
+cheaper. Training (`training.head`) and serving (`app/`) both call `extract_features`, so the
+features a head was trained on are exactly the ones it is served with.
+
+Texts are tokenized (optionally inside a prompt `template`), sorted by length and run in right-padded
+batches: with causal attention a real token never attends to the padding after it, so padded and
+unpadded runs give the same states (up to float rounding) and no attention mask is needed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from model.tokenizer import IM_END, IM_START, Tokenizer
+from model.transformer import Transformer, rotary_cos_sin
+
+POOLINGS = ("mean", "last", "mean+last")
+_SPECIAL = re.compile(f"({re.escape(IM_START)}|{re.escape(IM_END)})")
+
+
+class FeatureError(ValueError):
+    """A feature spec that does not fit the model (layer out of range, bad pooling or template)."""
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Which states to pool: after block `layer` (1-based; n_layers = the last block, before the final
+    norm), pooled by `pooling` over the text's tokens, the text placed into `template` at `{text}`."""
+    layer: int
+    pooling: str = "mean"
+    template: str = "{text}"
+
+    def __post_init__(self) -> None:
+        if self.pooling not in POOLINGS:
+            raise FeatureError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.template.count("{text}") != 1:
+            raise FeatureError("template must contain '{text}' exactly once")
+        if self.layer < 1:
+            raise FeatureError(f"layer must be >= 1, got {self.layer}")
+
+    def check(self, model: Transformer) -> None:
+        if self.layer > model.config.n_layers:
+            raise FeatureError(f"layer {self.layer} is past the model's {model.config.n_layers} blocks")
+
+    def dim(self, model: Transformer) -> int:
+        return model.config.dim * (2 if self.pooling == "mean+last" else 1)
+
+
+def encode_texts(tokenizer: Tokenizer, texts: Sequence[str], template: str = "{text}",
+                 max_tokens: int = 256) -> list[list[int]]:
+    """Token ids of each text inside `template`, cut to its first `max_tokens` (never empty).
+    `<|im_start|>` / `<|im_end|>` in the template become the chat special tokens and the pieces between
+    them are encoded on their own, as `render_chat` does; the same strings inside a text stay text."""
+    specials = {IM_START: tokenizer.im_start_id, IM_END: tokenizer.im_end_id} if _SPECIAL.search(template) else {}
+    pieces = _SPECIAL.split(template)  # text, special, text, ...
+    out = []
+    for text in texts:
+        ids: list[int] = []
+        for piece in pieces:
+            if piece in specials:
+                ids.append(specials[piece])
+            elif piece:
+                ids += tokenizer.encode(piece.replace("{text}", text))
+        out.append(ids[:max_tokens] or [tokenizer.eos_id])
+    return out
+
+
+def length_batches(lengths: Sequence[int], max_batch: int = 64, max_tokens: int = 4096) -> Iterator[list[int]]:
+    """Indices grouped by similar length (sorted), each group at most `max_batch` texts and
+    `max_tokens` padded tokens: little padding, bounded memory."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    batch: list[int] = []
+    for i in order:
+        if batch and (len(batch) >= max_batch or (len(batch) + 1) * lengths[i] > max_tokens):
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch
+
+
+@torch.no_grad()
+def block_states(model: Transformer, tokens: torch.Tensor, depth: int) -> Iterator[torch.Tensor]:
+    """Yield the residual stream (B, T, dim) after each of the first `depth` blocks (no final norm).
+    Runs the blocks directly, so a shallow exit costs depth / n_layers of a full forward."""
+    B, T = tokens.shape
+    positions = torch.arange(T, device=tokens.device).expand(B, T)
+    x = model.embed_tokens(tokens)  # (B, T, dim)
+    cos, sin = rotary_cos_sin(positions, model.config.head_dim, model.config.rope_theta, x.dtype)
+    for layer in model.layers[:depth]:
+        x = layer(x, cos, sin, None)
+        yield x
+
+
+def pool(states: torch.Tensor, lengths: torch.Tensor, pooling: str) -> torch.Tensor:
+    """(B, T, dim) right-padded states, (B,) lengths -> (B, dim) or (B, 2*dim) float32."""
+    states = states.float()
+    T = states.shape[1]
+    mask = (torch.arange(T, device=states.device)[None, :] < lengths[:, None]).float()  # (B, T)
+    mean = (states * mask[..., None]).sum(1) / lengths[:, None].float()  # (B, dim)
+    last = states[torch.arange(states.shape[0], device=states.device), lengths - 1]  # (B, dim)
+    if pooling == "mean":
+        return mean
+    if pooling == "last":
+        return last
+    return torch.cat([mean, last], dim=-1)
+
+
+def bf16_autocast(model: Transformer, enabled: bool) -> Any:
+    """bf16 autocast for an fp32 model on a CPU (or GPU) that runs bf16 matmuls; a no-op otherwise."""
+    if not enabled or model.dtype != torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(model.device.type, dtype=torch.bfloat16)
+
+
+@torch.no_grad()
+def extract_features(model: Transformer, tokenizer: Tokenizer, texts: Sequence[str], spec: FeatureSpec,
+                     bf16: bool = False, max_batch: int = 64,
+                     progress: Callable[[int], None] | None = None) -> torch.Tensor:
+    """(N, spec.dim(model)) float32 features of `texts`, in input order. `progress(n)` is called
+    after each batch with the number of texts it held."""
+    spec.check(model)
+    ids = encode_texts(tokenizer, texts, spec.template)
+    out = torch.empty(len(ids), spec.dim(model), dtype=torch.float32)
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+    for batch in length_batches([len(x) for x in ids], max_batch=max_batch):
+        T = max(len(ids[i]) for i in batch)
+        tokens = torch.full((len(batch), T), pad, dtype=torch.long)
+        for row, i in enumerate(batch):
+            tokens[row, :len(ids[i])] = torch.tensor(ids[i])
+        lengths = torch.tensor([len(ids[i]) for i in batch])
+        with bf16_autocast(model, bf16):
+            *_, states = block_states(model, tokens.to(model.device), spec.layer)
+        out[torch.tensor(batch)] = pool(states, lengths.to(model.device), spec.pooling).cpu()
+        if progress is not None:
+            progress(len(batch))
+    return out
