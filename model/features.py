@@ -118,6 +118,14 @@ def pool(states: torch.Tensor, lengths: torch.Tensor, pooling: str) -> torch.Ten
     return torch.cat([mean, last], dim=-1)
 
 
+def bf16_fast() -> bool:
+    """Whether bf16 matmuls run natively here (CUDA, or a CPU with AVX512_BF16 / AMX), where bf16
+    extraction is ~2.5x faster than fp32; elsewhere bf16 would be emulated and slower."""
+    if torch.cuda.is_available():
+        return True
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def bf16_autocast(model: Transformer, enabled: bool) -> Any:
     """bf16 autocast for an fp32 model on a CPU (or GPU) that runs bf16 matmuls; a no-op otherwise."""
     if not enabled or model.dtype != torch.float32:

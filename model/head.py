@@ -154,3 +154,14 @@ def load_head(directory: str | Path) -> LoadedHead:
         raise HeadError(f"{path / HEAD_WEIGHTS} does not match {HEAD_META} (labels, hidden); re-run "
                         "`python -m training.head`") from e
     return LoadedHead(head=head.eval(), info=info, path=path)
+
+
+@torch.no_grad()
+def classify_texts(model: Any, tokenizer: Any, loaded: LoadedHead, texts: list[str],
+                   bf16: bool = False) -> list[list[float]]:
+    """Label probabilities (in loaded.info.labels order) for each text: the head's features of `model`
+    (the first `layer` blocks only), then softmax. What the server runs on its engine thread."""
+    from model.features import extract_features
+
+    feats = extract_features(model, tokenizer, texts, loaded.info.spec, bf16=bf16)
+    return loaded.head(feats).softmax(-1).tolist()
