@@ -92,9 +92,8 @@ def load_model(settings: ServerSettings) -> Loaded:
     """Checkpoint -> LLMEngine on the right device and dtype (runs in a worker thread)."""
     import torch
 
-    from model.checkpoint import load_checkpoint
     from model.engine import LLMEngine
-    from model.quantize import optimize_for_inference
+    from model.inference import load_for_serving
 
     device = settings.device
     if device == "auto":
@@ -103,19 +102,17 @@ def load_model(settings: ServerSettings) -> Loaded:
     if dtype_name == "auto":
         dtype_name = "bfloat16" if device.startswith("cuda") else "float32"
     path = settings.resolve_checkpoint()
-    ckpt = load_checkpoint(path, device=device, dtype=getattr(torch, dtype_name))
-    max_model_len = min(settings.max_model_len, ckpt.config.max_seq_len)
+    served = load_for_serving(path, device=device, dtype=getattr(torch, dtype_name), quantize=settings.quantize)
+    max_model_len = min(settings.max_model_len, served.model.config.max_seq_len)
     if max_model_len < settings.max_model_len:
         log.warning("max_model_len %d lowered to the model's max_seq_len %d", settings.max_model_len,
                     max_model_len)
     config = settings.engine_config(max_model_len)
-    model = optimize_for_inference(ckpt.model, quantize=settings.quantize, tokenizer=ckpt.tokenizer)
-    engine = LLMEngine(model, ckpt.tokenizer, config)
-    name = settings.model_name or str(ckpt.meta.get("name") or Path(path).resolve().name)
-    quantized = "" if settings.quantize == "none" else f", {settings.quantize}"
-    log.info("loaded %s from %s on %s (%s%s), max_model_len %d", name, path, device, dtype_name, quantized,
-             max_model_len)
-    return Loaded(engine, ckpt.tokenizer, ckpt.meta, name, max_model_len)
+    engine = LLMEngine(served.model, served.tokenizer, config)
+    name = settings.model_name or str(served.meta.get("name") or Path(path).resolve().name)
+    log.info("loaded %s from %s on %s (%s), max_model_len %d", name, path, device,
+             served.model.capabilities.path, max_model_len)
+    return Loaded(engine, served.tokenizer, served.meta, name, max_model_len)
 
 
 async def _start(app: FastAPI, state: AppState, loader: Callable[[ServerSettings], Loaded]) -> None:

@@ -24,7 +24,7 @@ from model.config import QUANTIZATIONS
 from model.convert import ensure_default_model
 from model.engine import EngineConfig, LLMEngine
 from model.generate import generate
-from model.quantize import optimize_for_inference
+from model.inference import load_for_serving
 from model.sampling import SamplingParams
 from model.tokenizer import render_chat
 
@@ -88,7 +88,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default=None, help="checkpoint dir (default: the SmolLM2 default model)")
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    ap.add_argument("--quantize", default=None, choices=QUANTIZATIONS, help="ours only; see model/quantize.py")
+    ap.add_argument("--quantize", default=None, choices=QUANTIZATIONS, help="ours only; see model/quant/")
     ap.add_argument("--concurrency", default="1,4,16,64")
     ap.add_argument("--requests-per-slot", type=int, default=2, help="R: C x R requests per level")
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -102,23 +102,23 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     path = a.checkpoint or ensure_default_model()
     dtype = DTYPES[a.dtype]
-    ckpt = load_checkpoint(path, dtype=dtype)
-    tok = ckpt.tokenizer
+    served = load_for_serving(path, dtype=dtype, quantize=a.quantize)
+    tok = served.tokenizer
     messages = [[{"role": "user", "content": p}] for p in LOAD_PROMPTS]
     prompts = [render_chat(tok, m).ids for m in messages]
     texts = [tok.decode(p, skip_special=False) for p in prompts]
     levels = [int(c) for c in a.concurrency.split(",")]
     print(f"# engine throughput: {path}, {a.dtype}{', ' + a.quantize if a.quantize else ''} "
-          f"(transformers {a.hf_dtype or a.dtype}), "
+          f"[{served.model.capabilities.path}] (transformers {a.hf_dtype or a.dtype}), "
           f"{torch.get_num_threads()} threads, {a.new_tokens} new tokens, prompts "
           f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens")
 
     oracle = None
     if not a.no_oracle:
-        oracle = run_oracle(ckpt.model, prompts[0], a.new_tokens)
+        oracle = run_oracle(load_checkpoint(path, dtype=dtype).model, prompts[0], a.new_tokens)
         print(f"oracle generate (1 request, no cache): {oracle['agg']:.1f} tok/s")
 
-    model = optimize_for_inference(ckpt.model, quantize=a.quantize, tokenizer=tok)
+    model = served.model
     rows = []
     for c in levels:
         engine = LLMEngine(model, tok, EngineConfig(max_num_seqs=c, max_model_len=512,

@@ -22,6 +22,7 @@ import torch
 from model.checkpoint import load_checkpoint, to_hf_state_dict
 from model.config import ModelConfig, preset
 from model.engine import EngineConfig, LLMEngine
+from model.inference import InferenceModel, prepare_for_serving
 from model.sampling import SamplingParams
 from model.transformer import Transformer
 
@@ -49,7 +50,7 @@ def memory_bandwidth(device: str, gib: float = 2.0) -> float:
     return 2 * src.numel() * 10 / (sync_time() - t0)
 
 
-def weight_bytes(model: Transformer) -> int:
+def weight_bytes(model: InferenceModel) -> int:
     """Bytes a decode step must read: every parameter once (a tied head is the embedding matrix)."""
     seen, total = set(), 0
     for p in model.parameters():
@@ -59,7 +60,7 @@ def weight_bytes(model: Transformer) -> int:
     return total
 
 
-def run_engine(model: Transformer, prompts: list[list[int]], concurrency: int, new_tokens: int, graphs: bool,
+def run_engine(model: InferenceModel, prompts: list[list[int]], concurrency: int, new_tokens: int, graphs: bool,
                max_len: int) -> dict[str, float]:
     engine = LLMEngine(model, None, EngineConfig(max_num_seqs=concurrency, max_model_len=max_len,
                                                  max_num_batched_tokens=max(512, concurrency),
@@ -73,7 +74,7 @@ def run_engine(model: Transformer, prompts: list[list[int]], concurrency: int, n
     return {"agg_tok_s": tokens / wall, "wall_s": wall, "tokens": tokens, "ids": [o.token_ids for o in outs]}
 
 
-def decode_step_ms(model: Transformer, prompts: list[list[int]], batch: int, steps: int, graphs: bool,
+def decode_step_ms(model: InferenceModel, prompts: list[list[int]], batch: int, steps: int, graphs: bool,
                    max_len: int) -> float:
     """Time of one pure decode step with `batch` sequences (the engine's whole step: schedule, forward, sample)."""
     engine = LLMEngine(model, None, EngineConfig(max_num_seqs=batch, max_model_len=max_len,
@@ -156,9 +157,8 @@ def main() -> None:
     print(f"fp32 logits vs transformers: max |diff| {diff:.2e}")
     del hf32
     # the served model: bf16, fused projections; transformers gets the same bf16 weights
-    model = model.to(torch.bfloat16)
-    hf = hf_model(model)
-    model.fuse_for_inference()
+    hf = hf_model(model.to(torch.bfloat16))
+    model = prepare_for_serving(model)
 
     # 2. the memory-bandwidth bound of a batch-64 decode step
     bandwidth = memory_bandwidth(a.device)

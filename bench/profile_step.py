@@ -19,11 +19,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench.workload import LOAD_PROMPTS
-from model.checkpoint import load_checkpoint
 from model.config import QUANTIZATIONS
 from model.convert import ensure_default_model
 from model.engine import EngineConfig, LLMEngine
-from model.quantize import optimize_for_inference
+from model.inference import load_for_serving
 from model.sampling import SamplingParams
 from model.tokenizer import render_chat
 
@@ -69,12 +68,13 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,16")
     ap.add_argument("--steps", type=int, default=20)
     a = ap.parse_args()
-    ckpt = load_checkpoint(a.checkpoint or ensure_default_model(), dtype=getattr(torch, a.dtype))
-    model = optimize_for_inference(ckpt.model, quantize=a.quantize, tokenizer=ckpt.tokenizer)
+    served = load_for_serving(a.checkpoint or ensure_default_model(), dtype=getattr(torch, a.dtype),
+                              quantize=a.quantize)
+    model = served.model
     print(f"# decode-step profile: {a.dtype}{', ' + a.quantize if a.quantize else ''}, "
           f"{torch.get_num_threads()} threads, {a.steps} steps")
     for c in [int(x) for x in a.concurrency.split(",")]:
-        engine = decoding_engine(model, ckpt.tokenizer, c)
+        engine = decoding_engine(model, served.tokenizer, c)
         for _ in range(3):
             engine.step()
         t0 = time.perf_counter()

@@ -12,19 +12,18 @@ Perplexity is computed over non-overlapping 512-token windows of the text (one J
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 from pathlib import Path
 
 import torch
 
-from model.checkpoint import load_checkpoint
 from model.config import QUANTIZATIONS
 from model.convert import ensure_default_model
 from model.engine import EngineConfig, LLMEngine
-from model.quantize import optimize_for_inference
+from model.inference import load_for_serving
 from model.sampling import SamplingParams
+from model.tokenizer import Tokenizer
 
 HERE = Path(__file__).resolve().parent
 REFERENCE = HERE.parent / "tests" / "fixtures" / "reference_outputs.json"
@@ -72,19 +71,16 @@ def main() -> None:
     ap.add_argument("--variants", default="fp32,q4,int8,w8a8,bf16,bf16+int8")
     a = ap.parse_args()
     path = a.checkpoint or ensure_default_model()
-    base = load_checkpoint(path, dtype=torch.float32)
-    tok = base.tokenizer
+    tok = Tokenizer.load(Path(path))
     ids = tok.encode(read_text(Path(a.text)))[:a.max_tokens]
     refs = json.loads(REFERENCE.read_text())["prompts"]
     prompts = [r["prompt_ids"] for r in refs]
     print(f"# quality: {path}; perplexity over {len(ids)} tokens of {a.text}; greedy on {len(prompts)} prompts")
     results = {}
     for variant in a.variants.split(","):
-        model = copy.deepcopy(base.model)
-        if variant.startswith("bf16"):
-            model = model.to(torch.bfloat16)
         mode = variant.split("+")[-1]
-        model = optimize_for_inference(model, quantize=mode if mode in QUANTIZATIONS else None, tokenizer=tok)
+        model = load_for_serving(path, dtype=torch.bfloat16 if variant.startswith("bf16") else torch.float32,
+                                 quantize=mode if mode in QUANTIZATIONS else "none").model
         results[variant] = (perplexity(model, ids), greedy_outputs(model, tok, prompts))
         print(f"{variant}: perplexity {results[variant][0]:.3f}", flush=True)
     ppl0, out0 = results["fp32"] if "fp32" in results else next(iter(results.values()))

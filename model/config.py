@@ -9,8 +9,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-# Serving-time quantization modes (implemented in model/quantize.py; listed here, next to the other
-# plain-data settings, so the HTTP settings and the benchmarks can check a mode without importing torch)
+# Serving-time quantization modes (implemented in model/quant/, built by model/inference.py; listed
+# here, next to the other plain-data settings, so the HTTP settings and the benchmarks can check a mode
+# without importing torch)
 QUANTIZATIONS = ("int8", "w8a8", "q4")
 
 

@@ -7,13 +7,14 @@ Positions are always explicit, so prefill, chunked prefill and one-token decode 
 `kv_cache` is a `model.kv_cache.CacheBatch` that knows where each packed sequence lives in the cache.
 
 Module names follow Hugging Face's LlamaForCausalLM (minus its `model.` prefix), so a state dict maps
-to HF tensor names by adding that prefix (see `model.checkpoint`).
+to HF tensor names by adding that prefix (see `model.checkpoint`). This is the one trainable network and
+the oracle the serving paths are tested against; serving runs a frozen copy built from it
+(`model.inference`: fused projections, quantization, the native forward).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -71,27 +72,14 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
-        self.qkv_proj: nn.Linear | None = None  # set by fuse(): one matmul instead of three
-
-    def fuse(self) -> None:
-        weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
-        self.qkv_proj = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device,
-                                  dtype=weight.dtype)
-        self.qkv_proj.weight = nn.Parameter(weight.detach(), requires_grad=False)
-        del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv_cache: CacheBatch | None) -> torch.Tensor:
         B, T, _ = x.shape
         H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
-        if self.qkv_proj is not None:
-            qkv = self.qkv_proj(x).view(B, T, H + 2 * Hkv, hd)
-            qk = apply_rotary(qkv[:, :, :H + Hkv], cos, sin)  # q and k heads rotated in one go
-            q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + Hkv:]
-        else:
-            q = apply_rotary(self.q_proj(x).view(B, T, H, hd), cos, sin)
-            k = apply_rotary(self.k_proj(x).view(B, T, Hkv, hd), cos, sin)
-            v = self.v_proj(x).view(B, T, Hkv, hd)
+        q = apply_rotary(self.q_proj(x).view(B, T, H, hd), cos, sin)
+        k = apply_rotary(self.k_proj(x).view(B, T, Hkv, hd), cos, sin)
+        v = self.v_proj(x).view(B, T, Hkv, hd)
         if kv_cache is None:
             out = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True,
@@ -107,19 +95,8 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.dim, config.ffn_dim, bias=False)
         self.up_proj = nn.Linear(config.dim, config.ffn_dim, bias=False)
         self.down_proj = nn.Linear(config.ffn_dim, config.dim, bias=False)
-        self.gate_up_proj: nn.Linear | None = None  # set by fuse()
-
-    def fuse(self) -> None:
-        weight = torch.cat([self.gate_proj.weight, self.up_proj.weight])
-        self.gate_up_proj = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device,
-                                      dtype=weight.dtype)
-        self.gate_up_proj.weight = nn.Parameter(weight.detach(), requires_grad=False)
-        del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -147,10 +124,6 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.fused = False
-        # set by model.quantize (q4): runs the whole forward natively; called as native(self, tokens, ...)
-        self.native: Callable[..., torch.Tensor] | None = None
-        self.kv_dtype: torch.dtype | None = None  # the KV cache's dtype when not the weights' (q4: float16)
 
     def init_weights(self, seed: int | None = None) -> Transformer:
         """GPT-2 style init: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layers)."""
@@ -165,15 +138,6 @@ class Transformer(nn.Module):
                     p.copy_(torch.randn(p.shape, generator=gen) * std)
         return self
 
-    def fuse_for_inference(self) -> Transformer:
-        """Concatenate q/k/v and gate/up weights so each layer runs 4 matmuls instead of 7.
-        Serving only: a fused model no longer has HF tensor names, so it cannot be saved or trained."""
-        for layer in self.layers:
-            layer.self_attn.fuse()
-            layer.mlp.fuse()
-        self.fused = True
-        return self.eval().requires_grad_(False)
-
     @property
     def device(self) -> torch.device:
         return self.embed_tokens.weight.device
@@ -182,18 +146,12 @@ class Transformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embed_tokens.weight.dtype
 
-    @property
-    def cache_dtype(self) -> torch.dtype:
-        return self.kv_dtype or self.dtype
-
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 kv_cache: CacheBatch | None = None,
                 logits_index: torch.Tensor | None = None) -> torch.Tensor:
         """tokens, positions: (B, T) long. Returns logits (B, T, vocab), or (K, vocab) when
         `logits_index` (K,) picks which of the (B*T) flattened positions need logits — prefill only
         needs the last token's, and the output head is the most expensive matmul for small models."""
-        if self.native is not None:
-            return self.native(self, tokens, positions, kv_cache, logits_index)
         B, T = tokens.shape
         if positions is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)

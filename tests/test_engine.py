@@ -10,6 +10,7 @@ import torch
 from model.config import preset
 from model.engine import EngineConfig, FinishReason, LLMEngine, PromptTooLong, RequestRejected
 from model.generate import generate
+from model.inference import prepare_for_serving
 from model.kv_cache import KVCache
 from model.sampling import SamplingParams
 from model.transformer import Transformer
@@ -47,9 +48,11 @@ def oracle(model, prompts) -> list[list[int]]:
     return [generate(model, p, greedy) for p in prompts]
 
 
-def make_engine(model, **kw) -> LLMEngine:
+def make_engine(model: Transformer, **kw) -> LLMEngine:
+    """An engine serving `model` (through the torch serving path: fused projections) — the oracle runs the
+    Transformer itself."""
     cfg = dict(max_num_seqs=6, max_model_len=640, max_num_batched_tokens=96, prefill_chunk=64)
-    return LLMEngine(model, LetterTokenizer(), EngineConfig(**{**cfg, **kw}))
+    return LLMEngine(prepare_for_serving(model), LetterTokenizer(), EngineConfig(**{**cfg, **kw}))
 
 
 def run_staggered(engine: LLMEngine, prompts, params, arrivals: list[int]) -> dict[str, list[int]]:
@@ -87,7 +90,7 @@ def test_padded_graph_decode_steps_match_the_oracle(model, prompts, oracle):
     engine = make_engine(model)
     runner, n = engine.runner, engine.config.max_num_seqs
     runner.cache = KVCache(model.config, n + 1, engine.config.max_model_len)
-    runner.decode_graphs = graphs = DecodeGraphs(model, runner.cache, n, scratch_slot=n, capture=False)
+    runner.decode_graphs = graphs = DecodeGraphs(engine.model, runner.cache, n, scratch_slot=n, capture=False)
     assert graphs.batch_sizes == [1, 2, 4, 6] and graphs.key_lengths == [64, 128, 256, 512, 640]
     calls: list[int] = []
     run = graphs.run
@@ -161,7 +164,8 @@ def test_finish_reasons_and_eos(model, prompts, oracle):
     eos = oracle[0][4]  # pretend the 5th generated token is EOS
     tok = LetterTokenizer()
     tok.stop_ids = frozenset([eos])
-    engine = LLMEngine(model, tok, EngineConfig(max_num_seqs=2, max_model_len=640, max_num_batched_tokens=64))
+    engine = LLMEngine(prepare_for_serving(model), tok, EngineConfig(max_num_seqs=2, max_model_len=640,
+                                                                     max_num_batched_tokens=64))
     out = engine.generate([prompts[0]], greedy)[0]
     first = oracle[0].index(eos)
     assert out.finish_reason is FinishReason.STOP and out.token_ids == oracle[0][:first + 1]
@@ -223,7 +227,8 @@ def test_kv_cache_size_is_checked_up_front(model):
     need = KVCache.bytes_needed(model.config, 8, 512, torch.float32)
     assert need == 2 * 2 * 8 * 2 * 512 * 16 * 4  # 2 (K,V) x layers x slots x kv_heads x len x head_dim x 4 B
     with pytest.raises(ValueError, match="KV cache needs"):
-        LLMEngine(model, None, EngineConfig(max_num_seqs=8, max_model_len=512, max_kv_cache_bytes=need - 1))
+        LLMEngine(prepare_for_serving(model), None, EngineConfig(max_num_seqs=8, max_model_len=512,
+                                                                 max_kv_cache_bytes=need - 1))
 
 
 # -------------------------------------------------------------------------------- scoring
@@ -263,14 +268,12 @@ def test_engine_on_smollm2_matches_transformers_greedy(smollm2_checkpoint, quant
     import json
     from pathlib import Path
 
-    from model.checkpoint import load_checkpoint
-    from model.quantize import optimize_for_inference
+    from model.inference import load_for_serving
 
     ref = json.loads((Path(__file__).parent / "fixtures" / "reference_outputs.json").read_text())
-    ckpt = load_checkpoint(smollm2_checkpoint)
-    model = optimize_for_inference(ckpt.model, quantize=quantize, tokenizer=ckpt.tokenizer)
-    engine = LLMEngine(model, ckpt.tokenizer, EngineConfig(max_num_seqs=5, max_model_len=512,
-                                                          max_num_batched_tokens=128, prefill_chunk=64))
+    served = load_for_serving(smollm2_checkpoint, quantize=quantize)
+    engine = LLMEngine(served.model, served.tokenizer, EngineConfig(max_num_seqs=5, max_model_len=512,
+                                                                    max_num_batched_tokens=128, prefill_chunk=64))
     outs = engine.generate([p["prompt_ids"] for p in ref["prompts"]],
                            SamplingParams(max_tokens=ref["new_tokens"], temperature=0))
     for case, out in zip(ref["prompts"], outs, strict=True):
@@ -281,14 +284,14 @@ def test_engine_on_smollm2_matches_transformers_greedy(smollm2_checkpoint, quant
 
 def test_never_samples_ids_the_tokenizer_lacks(tiny_checkpoint):
     """The tiny checkpoint's model has 512 output rows but its tokenizer 400 tokens."""
-    from model.checkpoint import load_checkpoint
+    from model.inference import load_for_serving
 
-    ckpt = load_checkpoint(tiny_checkpoint)
-    assert ckpt.tokenizer.vocab_size < ckpt.config.vocab_size
-    engine = LLMEngine(ckpt.model, ckpt.tokenizer, EngineConfig(max_num_seqs=4, max_model_len=128))
+    served = load_for_serving(tiny_checkpoint)
+    assert served.tokenizer.vocab_size < served.model.config.vocab_size
+    engine = LLMEngine(served.model, served.tokenizer, EngineConfig(max_num_seqs=4, max_model_len=128))
     outs = engine.generate([[5, 6, 7]] * 4, [SamplingParams(max_tokens=40, temperature=5.0, seed=s, ignore_eos=True)
                                              for s in range(4)])
-    assert all(t < ckpt.tokenizer.vocab_size for o in outs for t in o.token_ids)
+    assert all(t < served.tokenizer.vocab_size for o in outs for t in o.token_ids)
     assert all(o.queue_time_s is not None and o.queue_time_s >= 0 for o in outs)
 
 

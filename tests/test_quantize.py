@@ -1,4 +1,5 @@
-"""Serving-time quantization: the int8 kernels against fp32 references, and the SmoothQuant fold."""
+"""Serving-time quantization (model/quant, model/native_q4.py): the kernels against fp32 and integer
+references, the SmoothQuant fold, and each quantized serving model against the fp32 oracle."""
 
 from __future__ import annotations
 
@@ -9,14 +10,11 @@ import torch
 from torch import nn
 
 from model.checkpoint import load_checkpoint
-from model.quantize import (
-    CALIBRATION_TEXT,
-    BlockQuantLinear,
-    W8A8Linear,
-    dequantize_block,
-    optimize_for_inference,
-    smooth_activations,
-)
+from model.eager import EagerModel, frozen_linear
+from model.inference import prepare_for_serving
+from model.native_q4 import NativeQ4Model
+from model.quant.q4 import BlockQuantLinear, block_linear, dequantize_block
+from model.quant.w8a8 import CALIBRATION_TEXT, W8A8Linear, smooth_activations
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -53,21 +51,25 @@ def test_w8a8_linear_handles_zero_rows_and_3d_inputs():
 def test_smoothing_keeps_the_function(tiny_checkpoint):
     """The SmoothQuant fold moves scales between norms and weights: fp32 logits are unchanged."""
     ckpt = load_checkpoint(tiny_checkpoint)
-    model = ckpt.model.fuse_for_inference()
+    model = ckpt.model
     tokens = torch.tensor([[5, 17, 42, 99, 7, 300, 12]])
     ref = model(tokens)
-    smoothed = smooth_activations(copy.deepcopy(model), ckpt.tokenizer.encode(CALIBRATION_TEXT)[:64])
+    own_weights = EagerModel.from_transformer(model, lambda weight, name: frozen_linear(weight.clone()))
+    smoothed = smooth_activations(own_weights, ckpt.tokenizer.encode(CALIBRATION_TEXT)[:64])
     assert torch.allclose(smoothed(tokens), ref, atol=1e-4, rtol=1e-4)
     # it really moved something, and left the embedding (tied to the output head) alone
     assert not torch.equal(smoothed.layers[0].input_layernorm.weight, model.layers[0].input_layernorm.weight)
     assert torch.equal(smoothed.embed_tokens.weight, model.embed_tokens.weight)
+    assert torch.equal(model(tokens), ref)  # the oracle's weights were not touched
 
 
+@torch.inference_mode()
 @pytest.mark.parametrize("mode", ["int8", "w8a8", "q4"])
 def test_quantized_model_tracks_fp32(tiny_checkpoint, mode):
     ckpt = load_checkpoint(tiny_checkpoint)
-    ref_model = copy.deepcopy(ckpt.model).fuse_for_inference()
-    model = optimize_for_inference(ckpt.model, quantize=mode, tokenizer=ckpt.tokenizer)
+    ref_model = ckpt.model  # the oracle
+    model = prepare_for_serving(ckpt.model, quantize=mode, tokenizer=ckpt.tokenizer)
+    assert model.capabilities.quantization == mode
     tokens = torch.randint(0, ckpt.tokenizer.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     ref, out = ref_model(tokens), model(tokens)
     assert relative_error(out, ref) < 0.05
@@ -77,12 +79,11 @@ def test_quantized_model_tracks_fp32(tiny_checkpoint, mode):
 def test_w8a8_refuses_what_it_cannot_run(tiny_checkpoint):
     ckpt = load_checkpoint(tiny_checkpoint)
     with pytest.raises(ValueError, match="tokenizer"):
-        optimize_for_inference(copy.deepcopy(ckpt.model), quantize="w8a8")
+        prepare_for_serving(ckpt.model, quantize="w8a8")
     with pytest.raises(ValueError, match="float32"):
-        optimize_for_inference(copy.deepcopy(ckpt.model).to(torch.bfloat16), quantize="w8a8",
-                               tokenizer=ckpt.tokenizer)
+        prepare_for_serving(copy.deepcopy(ckpt.model).to(torch.bfloat16), quantize="w8a8", tokenizer=ckpt.tokenizer)
     with pytest.raises(ValueError, match="unknown quantization"):
-        optimize_for_inference(ckpt.model, quantize="int3")
+        prepare_for_serving(ckpt.model, quantize="int3")
 
 
 # ---------------------------------------------------------------- q4: block formats and native kernels
@@ -138,19 +139,17 @@ def test_block_linear_matches_the_integer_reference(fmt, m):
     assert torch.equal(layer(torch.zeros(2, 96)), torch.zeros(2, 48))  # an all-zero block has scale 0
 
 
-def q4_model(tiny_checkpoint):
-    ckpt = load_checkpoint(tiny_checkpoint)
-    return optimize_for_inference(ckpt.model, quantize="q4", tokenizer=ckpt.tokenizer)
+def q4_model(tiny_checkpoint, cache_dtype: torch.dtype = torch.float16) -> NativeQ4Model:
+    return NativeQ4Model(EagerModel.from_transformer(load_checkpoint(tiny_checkpoint).model, block_linear),
+                         cache_dtype)
 
 
 @torch.inference_mode()
 def test_native_forward_matches_the_eager_model_on_the_same_weights(tiny_checkpoint):
-    model = q4_model(tiny_checkpoint)
+    eager = EagerModel.from_transformer(load_checkpoint(tiny_checkpoint).model, block_linear)
     tokens = torch.randint(0, 400, (2, 40), generator=torch.Generator().manual_seed(0))
-    native_out = model(tokens)
-    native, model.native = model.native, None
-    eager_out = model(tokens)  # the PyTorch layers composing the same seedling::linear projections
-    model.native = native
+    native_out = NativeQ4Model(eager)(tokens)
+    eager_out = eager(tokens)  # the PyTorch layers composing the same seedling::linear projections
     assert native_out.shape == eager_out.shape == (2, 40, 512)
     assert relative_error(native_out, eager_out) < 0.01
     assert (native_out.argmax(-1) == eager_out.argmax(-1)).float().mean() > 0.95
@@ -164,15 +163,14 @@ def test_native_forward_is_batch_invariant_over_the_kv_cache(tiny_checkpoint, kv
     q4 keeps K/V in fp16; the native attention also reads an fp32 cache."""
     from model.kv_cache import KVCache
 
-    model = q4_model(tiny_checkpoint)
-    assert model.cache_dtype == torch.float16
+    ckpt = load_checkpoint(tiny_checkpoint)
+    assert prepare_for_serving(ckpt.model, quantize="q4").cache_dtype == torch.float16
+    model = q4_model(tiny_checkpoint, kv_dtype)
     a = torch.randint(0, 400, (1, 30), generator=torch.Generator().manual_seed(1))
     b = torch.randint(0, 400, (1, 12), generator=torch.Generator().manual_seed(2))
-    if kv_dtype == torch.float32:
-        fp16_a = model(a)[0]
-        model.kv_dtype = torch.float32
     full_a, full_b = model(a)[0], model(b)[0]
     if kv_dtype == torch.float32:  # fp16 K/V round, they do not change the result much
+        fp16_a = q4_model(tiny_checkpoint)(a)[0]
         assert relative_error(fp16_a, full_a) < 0.01 and not torch.equal(fp16_a, full_a)
     cache = KVCache(model.config, n_slots=3, max_seq_len=64, dtype=kv_dtype)
     # a: prefill 0..19 in slot 2, then a mixed step packing a's 20..28 with all of b (slot 0)
@@ -207,7 +205,7 @@ def test_native_kernels_say_why_they_cannot_run(monkeypatch, tiny_checkpoint):
     assert "AVX2" in native.unavailable_reason()
     ckpt = load_checkpoint(tiny_checkpoint)
     with pytest.raises(ValueError, match="float32"):
-        optimize_for_inference(ckpt.model.to(torch.bfloat16), quantize="q4")
+        prepare_for_serving(ckpt.model.to(torch.bfloat16), quantize="q4")
 
 
 def test_native_build_failures_are_clear(monkeypatch, tmp_path):

@@ -20,8 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_whole_chain_checkpoint_answers_through_the_engine(tmp_path: Path) -> None:
     import torch
 
-    from model.checkpoint import load_checkpoint, read_meta
+    from model.checkpoint import read_meta
     from model.engine import EngineConfig, LLMEngine
+    from model.inference import load_for_serving
     from model.sampling import SamplingParams
     from model.tasks import classify_messages
     from model.tokenizer import render_chat
@@ -50,7 +51,7 @@ def test_whole_chain_checkpoint_answers_through_the_engine(tmp_path: Path) -> No
     assert 0 <= rep["results"]["classify"]["accuracy"] <= 1 and rep["results"]["perplexity"]["perplexity"] > 1
     assert "| classify | accuracy |" in (tmp_path / "ev" / "report.md").read_text()
     # 2. the engine loads the checkpoint and answers a prompt
-    ckpt = load_checkpoint(tmp_path / "ft" / "checkpoint", dtype=torch.float32)
+    ckpt = load_for_serving(tmp_path / "ft" / "checkpoint", dtype=torch.float32)
     engine = LLMEngine(ckpt.model, ckpt.tokenizer, EngineConfig(max_num_seqs=2, max_model_len=256))
     prompt = render_chat(ckpt.tokenizer, classify_messages("I lost my card", meta["labels"]["classify"])).ids
     (out,) = engine.generate([prompt], SamplingParams(max_tokens=6, temperature=0.0, min_tokens=3))

@@ -14,9 +14,10 @@ from training.evaluate import classify_one
 def test_classify_one_ranks_by_full_recompute_log_likelihood(tiny_checkpoint: Path) -> None:
     from model.checkpoint import load_checkpoint
     from model.engine import EngineConfig, LLMEngine
+    from model.inference import prepare_for_serving
 
     ckpt = load_checkpoint(tiny_checkpoint, dtype=torch.float32)
-    engine = LLMEngine(ckpt.model, ckpt.tokenizer, EngineConfig(max_num_seqs=2, max_model_len=256))
+    engine = LLMEngine(prepare_for_serving(ckpt.model), ckpt.tokenizer, EngineConfig(max_num_seqs=2, max_model_len=256))
     prompt = ckpt.tokenizer.encode("a prompt of some length for scoring")
     conts = [ckpt.tokenizer.encode(t) + [ckpt.tokenizer.im_end_id] for t in ("yes", "no way", "maybe so then")]
     conts.append([ckpt.tokenizer.im_end_id])  # a one-token continuation

@@ -215,8 +215,9 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def main(cfg: EvaluateConfig) -> dict[str, Any]:
-    from model.checkpoint import CheckpointError, load_checkpoint
+    from model.checkpoint import CheckpointError
     from model.engine import EngineConfig, LLMEngine
+    from model.inference import load_for_serving
 
     set_threads(cfg.threads)
     device = resolve_device(cfg.device)
@@ -226,7 +227,7 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
 
         path = Path(ensure_default_model())
     try:
-        ckpt = load_checkpoint(path, device=device, dtype=torch.float32)
+        served = load_for_serving(path, device=device, dtype=torch.float32)
     except CheckpointError as e:
         raise TrainingError(str(e)) from e
     if cfg.adapter:
@@ -238,11 +239,11 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
             raise TrainingError(str(e)) from e
     if not any((cfg.perplexity, cfg.summarize, cfg.translate, cfg.classify)):
         raise TrainingError("nothing to evaluate: pass --perplexity, --summarize, --translate or --classify")
-    tok = ckpt.tokenizer
-    max_len = min(cfg.max_model_len, ckpt.config.max_seq_len)
-    engine = LLMEngine(ckpt.model, tok, EngineConfig(max_num_seqs=cfg.max_num_seqs, max_model_len=max_len,
-                                                     max_num_batched_tokens=max(512, cfg.max_num_seqs),
-                                                     prefill_chunk=256))
+    tok = served.tokenizer
+    max_len = min(cfg.max_model_len, served.model.config.max_seq_len)
+    engine = LLMEngine(served.model, tok, EngineConfig(max_num_seqs=cfg.max_num_seqs, max_model_len=max_len,
+                                                       max_num_batched_tokens=max(512, cfg.max_num_seqs),
+                                                       prefill_chunk=256))
     t0 = time.perf_counter()
     results: dict[str, Any] = {}
     if cfg.perplexity:
@@ -257,7 +258,7 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
         r = results["translate"]
         print(f"translate: BLEU {r['bleu']:.2f}  chrF {r['chrf']:.2f}")
     if cfg.classify:
-        labels = classification_labels(cfg, ckpt.meta)
+        labels = classification_labels(cfg, served.meta)
         results["classify"] = eval_classify(engine, tok, cfg.classify, cfg.limit, labels, cfg.classify_candidates,
                                             cfg.seed)
         r = results["classify"]

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from model.inference import InferenceModel
 from model.kv_cache import CacheBatch, KVCache
-from model.transformer import Transformer
 
 
 def buckets(limit: int, first: int) -> list[int]:
@@ -31,7 +31,7 @@ def buckets(limit: int, first: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, model: Transformer, cache: KVCache, max_batch: int, scratch_slot: int,
+    def __init__(self, model: InferenceModel, cache: KVCache, max_batch: int, scratch_slot: int,
                  capture: bool = True) -> None:
         if not 0 <= scratch_slot < cache.n_slots:
             raise ValueError(f"scratch slot {scratch_slot} is not a cache row")

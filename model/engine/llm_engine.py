@@ -1,6 +1,7 @@
 """LLMEngine: continuous batching over a KV cache — token ids in, token ids (and text deltas) out.
 
-    engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=16))
+    served = load_for_serving(path)                      # model.inference: the InferenceModel + tokenizer
+    engine = LLMEngine(served.model, served.tokenizer, EngineConfig(max_num_seqs=16))
     engine.add_request("r1", prompt_ids, SamplingParams(max_tokens=64))
     while engine.has_unfinished():
         for out in engine.step(): ...
@@ -22,9 +23,9 @@ from model.engine.detokenizer import IncrementalDetokenizer
 from model.engine.model_runner import ModelRunner
 from model.engine.scheduler import Scheduler
 from model.engine.sequence import FinishReason, RequestOutput, Sequence, SequenceStatus
+from model.inference import InferenceModel
 from model.kv_cache import KVCache
 from model.sampling import SamplingError, SamplingParams, make_generator
-from model.transformer import Transformer
 
 if TYPE_CHECKING:
     from model.tokenizer import Tokenizer
@@ -87,10 +88,10 @@ class EngineStats:
 
 
 class LLMEngine:
-    def __init__(self, model: Transformer, tokenizer: Tokenizer | None, config: EngineConfig | None = None
+    def __init__(self, model: InferenceModel, tokenizer: Tokenizer | None, config: EngineConfig | None = None
                  ) -> None:
         self.config = config = config or EngineConfig()
-        self.model = model.eval()
+        self.model = model
         self.tokenizer = tokenizer
         if config.max_model_len > model.config.max_seq_len:
             log.warning("max_model_len %d exceeds the model's trained length %d", config.max_model_len,
@@ -109,8 +110,8 @@ class LLMEngine:
         self._seqs: dict[str, Sequence] = {}
         self._base_stop_ids = frozenset(tokenizer.stop_ids) if tokenizer else frozenset(
             [model.config.eos_token_id] if model.config.eos_token_id is not None else [])
-        log.info("KV cache: %d slots x %d tokens, %.1f MiB (%s on %s)", config.max_num_seqs,
-                 config.max_model_len, need / 2**20, model.dtype, model.device)
+        log.info("KV cache: %d slots x %d tokens, %.1f MiB (%s, %s on %s)", config.max_num_seqs,
+                 config.max_model_len, need / 2**20, model.capabilities.path, model.cache_dtype, model.device)
 
     # ------------------------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt_ids: Seq[int], params: SamplingParams) -> None:

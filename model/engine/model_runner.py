@@ -8,19 +8,19 @@ import torch
 from model.engine.cuda_graphs import DecodeGraphs
 from model.engine.scheduler import ScheduledChunk
 from model.engine.sequence import Sequence, TokenLogprob
+from model.inference import InferenceModel
 from model.kv_cache import KVCache
 from model.sampling import sample_next, top_logprobs
-from model.transformer import Transformer
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, n_slots: int, max_seq_len: int, valid_vocab: int | None = None,
+    def __init__(self, model: InferenceModel, n_slots: int, max_seq_len: int, valid_vocab: int | None = None,
                  cuda_graphs: bool = False) -> None:
         self.model = model
         self.device = model.device
         # a model may have more output rows than its tokenizer has tokens (padding): never sample those
         self.valid_vocab = valid_vocab if valid_vocab and valid_vocab < model.config.vocab_size else None
-        graphs = cuda_graphs and self.device.type == "cuda" and model.native is None
+        graphs = cuda_graphs and model.capabilities.supports_cuda_graphs
         # with CUDA graphs one more cache row takes the padding rows' K/V (never a sequence's slot)
         self.cache = KVCache(model.config, n_slots + graphs, max_seq_len, dtype=model.cache_dtype, device=self.device)
         self.decode_graphs = DecodeGraphs(model, self.cache, n_slots, scratch_slot=n_slots) if graphs else None

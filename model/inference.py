@@ -1,0 +1,130 @@
+"""The inference seam: what serving, benchmarks and evaluation run, built from a checkpoint or a Transformer.
+
+    served = load_for_serving(path, device="cpu", dtype=torch.float32, quantize="q4")
+    engine = LLMEngine(served.model, served.tokenizer, EngineConfig())
+    logits = served.model(tokens, positions, kv_cache=batch, logits_index=rows)
+    served.model.capabilities   # Capabilities(path="native-q4", quantization="q4", supports_cuda_graphs=False)
+
+`model.transformer.Transformer` stays the one trainable network (HF tensor names) and the oracle; an
+InferenceModel is a frozen serving copy of it, one class per forward:
+  * `model.eager.EagerModel` — PyTorch, q/k/v and gate/up fused; its projections are nn.Linear
+    (fp32/bf16/fp16), Int8Linear (int8) or W8A8Linear (w8a8, after SmoothQuant): model/quant/;
+  * `model.native_q4.NativeQ4Model` — q4 blocks, the whole forward in one native call.
+Every variant is built from a Transformer, so LoRA adapters can be merged into (a copy of) its weights
+before building, or carried as per-request low-rank updates by the variants' projections later.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from model.config import QUANTIZATIONS, ModelConfig
+from model.eager import EagerModel
+from model.native_q4 import NativeQ4Model, check_supported
+from model.quant.int8 import Int8Linear
+from model.quant.q4 import block_linear
+from model.quant.w8a8 import CALIBRATION_TEXT, quantize_w8a8
+from model.transformer import Transformer
+
+if TYPE_CHECKING:
+    from model.kv_cache import CacheBatch
+    from model.tokenizer import Tokenizer
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What the engine and the server may ask of a model, decided once when it is built."""
+
+    path: str  # which forward serves, for logs, /v1/models and /ready: "torch-fp32", "native-q4", ...
+    quantization: str  # "none" or one of model.config.QUANTIZATIONS
+    supports_cuda_graphs: bool  # decode steps may be recorded as CUDA graphs (model/engine/cuda_graphs.py)
+
+
+class InferenceModel(nn.Module):
+    """One frozen serving network and what callers need to know about it: the config, where it runs,
+    the KV cache's dtype and its capabilities. `forward` is the same call for every variant."""
+
+    def __init__(self, config: ModelConfig, network: nn.Module, device: torch.device, dtype: torch.dtype,
+                 cache_dtype: torch.dtype, capabilities: Capabilities) -> None:
+        super().__init__()
+        self.config, self.network = config, network
+        self.device, self.dtype, self.cache_dtype = torch.device(device), dtype, cache_dtype
+        self.capabilities = capabilities
+        self.eval().requires_grad_(False)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                kv_cache: CacheBatch | None = None, logits_index: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens, positions: (B, T) long (positions default to 0..T-1). Returns logits (B, T, vocab), or
+        (K, vocab) for the `logits_index` (K,) rows of the flattened (B*T) positions. With a
+        `model.kv_cache.CacheBatch` the tokens are packed sequences (B = 1) over the engine's cache."""
+        return self.network(tokens, positions, kv_cache, logits_index)
+
+
+@dataclass
+class Served:
+    """A checkpoint loaded for serving: the model, and what the engine and server need besides it."""
+
+    model: InferenceModel
+    tokenizer: Tokenizer
+    meta: dict[str, Any]
+    path: Path
+
+
+def load_for_serving(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                     quantize: str | None = "none", adapters: list[str] | None = None) -> Served:
+    """Load a checkpoint directory (model.checkpoint, CheckpointError on a bad one) and build the
+    serving model for `quantize` ("none", "int8", "w8a8" or "q4") on `device` in `dtype`."""
+    from model.checkpoint import load_checkpoint
+
+    _check_request(quantize, device, dtype, adapters)
+    ckpt = load_checkpoint(path, device=device, dtype=dtype)
+    model = prepare_for_serving(ckpt.model, quantize, ckpt.tokenizer)
+    return Served(model=model, tokenizer=ckpt.tokenizer, meta=ckpt.meta, path=ckpt.path)
+
+
+def prepare_for_serving(model: Transformer, quantize: str | None = "none", tokenizer: Tokenizer | None = None,
+                        adapters: list[str] | None = None) -> InferenceModel:
+    """The serving model for `model` (left unchanged: unfused weights and the embedding are shared with
+    it, so keep it unmodified while serving). w8a8 calibrates on CALIBRATION_TEXT: it needs the tokenizer."""
+    quantize = quantize or "none"
+    _check_request(quantize, model.device, model.dtype, adapters)
+    device, dtype, name = model.device, model.dtype, DTYPE_NAMES.get(model.dtype, str(model.dtype))
+    cache_dtype = dtype
+    if quantize == "none":
+        network: nn.Module = EagerModel.from_transformer(model)
+        path = f"torch-{name}"
+    elif quantize == "int8":
+        network = EagerModel.from_transformer(model, lambda weight, _: Int8Linear(weight, dtype))
+        path = f"torch-int8-{name}"
+    elif quantize == "w8a8":
+        if tokenizer is None:
+            raise ValueError("w8a8 needs the tokenizer to calibrate")
+        network = quantize_w8a8(model, tokenizer.encode(CALIBRATION_TEXT)[:model.config.max_seq_len])
+        path = "fbgemm-w8a8"
+    else:
+        check_supported(model.config)  # says why not before any weight is packed
+        cache_dtype = torch.float16
+        network = NativeQ4Model(EagerModel.from_transformer(model, block_linear), cache_dtype)
+        path = "native-q4"
+    graphs = device.type == "cuda" and isinstance(network, EagerModel)
+    return InferenceModel(model.config, network, device, dtype, cache_dtype, Capabilities(path, quantize, graphs))
+
+
+def _check_request(quantize: str | None, device: str | torch.device, dtype: torch.dtype,
+                   adapters: list[str] | None) -> None:
+    """Refuse what cannot be built before anything is loaded, with the reason."""
+    if adapters:
+        raise NotImplementedError(f"serving LoRA adapters ({', '.join(adapters)}) is not implemented yet; "
+                                  "serve a checkpoint with the adapter merged into its weights")
+    if quantize not in (None, "none", *QUANTIZATIONS):
+        raise ValueError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZATIONS)} or none")
+    if quantize in ("w8a8", "q4") and (torch.device(device).type != "cpu" or dtype != torch.float32):
+        kernels = "native kernels" if quantize == "q4" else "fbgemm"
+        raise ValueError(f"{quantize} runs on CPU with float32 activations ({kernels}); use int8 on other devices")
