@@ -10,8 +10,9 @@ InferenceModel is a frozen serving copy of it, one class per forward:
   * `model.eager.EagerModel` — PyTorch, q/k/v and gate/up fused; its projections are nn.Linear
     (fp32/bf16/fp16), Int8Linear (int8) or W8A8Linear (w8a8, after SmoothQuant): model/quant/;
   * `model.native_q4.NativeQ4Model` — q4 blocks, the whole forward in one native call.
-Every variant is built from a Transformer, so LoRA adapters can be merged into (a copy of) its weights
-before building, or carried as per-request low-rank updates by the variants' projections later.
+Every variant is built from a Transformer, so a LoRA adapter (model/adapters.py) is merged into its
+weights before building — any variant serves it; per-request adapters (several at once, low-rank
+updates carried by the projections) are the next step and are refused until then.
 """
 
 from __future__ import annotations
@@ -79,22 +80,26 @@ class Served:
 
 def load_for_serving(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                      quantize: str | None = "none", adapters: list[str] | None = None) -> Served:
-    """Load a checkpoint directory (model.checkpoint, CheckpointError on a bad one) and build the
-    serving model for `quantize` ("none", "int8", "w8a8" or "q4") on `device` in `dtype`."""
+    """Load a checkpoint directory (model.checkpoint, CheckpointError on a bad one), merge `adapters`
+    (at most one LoRA adapter directory, AdapterError if it does not fit) and build the serving model
+    for `quantize` ("none", "int8", "w8a8" or "q4") on `device` in `dtype`."""
+    from model.adapters import load_merged
     from model.checkpoint import load_checkpoint
 
     _check_request(quantize, device, dtype, adapters)
     ckpt = load_checkpoint(path, device=device, dtype=dtype)
+    for adapter in adapters or []:
+        load_merged(path, adapter, ckpt.model)  # the Transformer is ours: merge in place
     model = prepare_for_serving(ckpt.model, quantize, ckpt.tokenizer)
     return Served(model=model, tokenizer=ckpt.tokenizer, meta=ckpt.meta, path=ckpt.path)
 
 
-def prepare_for_serving(model: Transformer, quantize: str | None = "none", tokenizer: Tokenizer | None = None,
-                        adapters: list[str] | None = None) -> InferenceModel:
+def prepare_for_serving(model: Transformer, quantize: str | None = "none", tokenizer: Tokenizer | None = None
+                        ) -> InferenceModel:
     """The serving model for `model` (left unchanged: unfused weights and the embedding are shared with
     it, so keep it unmodified while serving). w8a8 calibrates on CALIBRATION_TEXT: it needs the tokenizer."""
     quantize = quantize or "none"
-    _check_request(quantize, model.device, model.dtype, adapters)
+    _check_request(quantize, model.device, model.dtype, None)
     device, dtype, name = model.device, model.dtype, DTYPE_NAMES.get(model.dtype, str(model.dtype))
     cache_dtype = dtype
     if quantize == "none":
@@ -120,9 +125,9 @@ def prepare_for_serving(model: Transformer, quantize: str | None = "none", token
 def _check_request(quantize: str | None, device: str | torch.device, dtype: torch.dtype,
                    adapters: list[str] | None) -> None:
     """Refuse what cannot be built before anything is loaded, with the reason."""
-    if adapters:
-        raise NotImplementedError(f"serving LoRA adapters ({', '.join(adapters)}) is not implemented yet; "
-                                  "serve a checkpoint with the adapter merged into its weights")
+    if adapters and len(adapters) > 1:
+        raise NotImplementedError(f"serving several LoRA adapters at once ({', '.join(map(str, adapters))}) "
+                                  "is not implemented yet; one adapter can be merged into the model")
     if quantize not in (None, "none", *QUANTIZATIONS):
         raise ValueError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZATIONS)} or none")
     if quantize in ("w8a8", "q4") and (torch.device(device).type != "cpu" or dtype != torch.float32):

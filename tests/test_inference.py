@@ -65,8 +65,8 @@ def test_building_leaves_the_transformer_as_it_was(tiny_checkpoint, quantize):
 
 
 def test_the_seam_refuses_what_it_cannot_build(tiny_checkpoint):
-    with pytest.raises(NotImplementedError, match="LoRA adapters"):
-        load_for_serving(tiny_checkpoint, adapters=["support-bot"])
+    with pytest.raises(NotImplementedError, match="several LoRA adapters"):
+        load_for_serving(tiny_checkpoint, adapters=["support-bot", "translate-de"])
     with pytest.raises(ValueError, match="unknown quantization"):
         load_for_serving(tiny_checkpoint, quantize="int3")
     with pytest.raises(ValueError, match="w8a8 runs on CPU with float32"):
