@@ -8,7 +8,8 @@ model with Seedling's module names) holds:
     seedling.json              optional: which base checkpoint it was trained on, tasks, metrics
 
 Serving does not need peft: a LoRA update is W' = W + scale * B @ A, so `merge_adapter` applies it
-to a `Transformer`'s weights directly (fused or not). The test suite checks the merged model's
+to a `Transformer`'s weights directly, before `model.inference` builds a serving model (any variant,
+q4 included) from them. The test suite checks the merged model's
 logits against peft's own wrapped model, so this reader cannot drift from the library.
 
     adapter = read_adapter("adapters/translate-de")
@@ -33,11 +34,10 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 META_FILE = "seedling.json"
 PREFIX = "base_model.model."
-# projection name -> (sub-module of a Block, fused module, index of the part in the fused weight)
-PROJECTIONS: dict[str, tuple[str, str, int]] = {
-    "q_proj": ("self_attn", "qkv_proj", 0), "k_proj": ("self_attn", "qkv_proj", 1),
-    "v_proj": ("self_attn", "qkv_proj", 2), "o_proj": ("self_attn", "", 0),
-    "gate_proj": ("mlp", "gate_up_proj", 0), "up_proj": ("mlp", "gate_up_proj", 1), "down_proj": ("mlp", "", 0),
+# projection name -> the sub-module of a Block that holds it
+PROJECTIONS: dict[str, str] = {
+    "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+    "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
 }
 # LoraConfig options that change the maths; merging would silently be wrong if they were set
 _UNSUPPORTED = {"use_dora": False, "fan_in_fan_out": False, "bias": "none", "lora_bias": False,
@@ -100,7 +100,7 @@ def _parse_key(key: str, path: Path) -> tuple[int, str, str]:
     """'base_model.model.layers.3.self_attn.q_proj.lora_A.weight' -> (3, 'q_proj', 'A')."""
     parts = key.removeprefix(PREFIX).split(".")
     ok = (key.startswith(PREFIX) and len(parts) == 6 and parts[0] == "layers" and parts[1].isdigit()
-          and parts[3] in PROJECTIONS and parts[2] == PROJECTIONS[parts[3]][0]
+          and parts[3] in PROJECTIONS and parts[2] == PROJECTIONS[parts[3]]
           and parts[4] in ("lora_A", "lora_B") and parts[5] == "weight")
     if not ok:
         raise AdapterError(f"{path}: unexpected tensor {key!r}; expected "
@@ -152,34 +152,18 @@ def check_base(adapter: Adapter, checkpoint_dir: str | Path) -> None:
                            f"{have[:12]}…; train it again on this checkpoint")
 
 
-def _target(model: Transformer, u: LoraUpdate) -> tuple[torch.Tensor, slice]:
-    """The weight matrix the update adds to, and the rows of it (a part of a fused weight)."""
-    block = model.layers[u.layer]
-    module_name, fused_name, part = PROJECTIONS[u.proj]
-    parent = getattr(block, module_name)
-    linear = getattr(parent, u.proj, None)
-    if linear is not None:
-        return linear.weight, slice(0, linear.weight.shape[0])
-    fused = getattr(parent, fused_name)
-    cfg = model.config
-    if fused_name == "qkv_proj":
-        sizes = [cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim]
-    else:
-        sizes = [cfg.ffn_dim, cfg.ffn_dim]
-    start = sum(sizes[:part])
-    return fused.weight, slice(start, start + sizes[part])
+def _target(model: Transformer, u: LoraUpdate) -> torch.Tensor:
+    """The weight matrix the update adds to."""
+    return model.layers[u.layer].get_submodule(f"{PROJECTIONS[u.proj]}.{u.proj}").weight
 
 
 def validate_adapter(model: Transformer, adapter: Adapter) -> None:
     """Every update must name an existing layer and match its projection's shape."""
-    if model.native is not None:
-        raise AdapterError(f"{adapter.path}: merge before quantizing (the q4 model's weights are packed)")
     for u in adapter.updates:
         if not 0 <= u.layer < model.config.n_layers:
             raise AdapterError(f"{adapter.path}: layer {u.layer} does not exist (the model has "
                                f"{model.config.n_layers}); was it trained on another base model?")
-        weight, rows = _target(model, u)
-        want = (rows.stop - rows.start, weight.shape[1])
+        want = tuple(_target(model, u).shape)
         if (u.b.shape[0], u.a.shape[1]) != want:
             raise AdapterError(f"{adapter.path}: layer {u.layer} {u.proj} updates a {u.b.shape[0]}x{u.a.shape[1]} "
                                f"weight, the model's is {want[0]}x{want[1]}; trained on another base model?")
@@ -190,10 +174,9 @@ def merge_adapter(model: Transformer, adapter: Adapter) -> Transformer:
     """W += scale * B @ A for every update (computed in fp32, stored in the weight's dtype); in place."""
     validate_adapter(model, adapter)
     for u in adapter.updates:
-        weight, rows = _target(model, u)
+        weight = _target(model, u)
         delta = (u.b @ u.a) * adapter.scale  # (out, in)
-        part = weight[rows]
-        weight[rows] = (part.float() + delta.to(part.device)).to(weight.dtype)
+        weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
     return model
 
 

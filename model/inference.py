@@ -17,6 +17,7 @@ updates carried by the projections) are the next step and are refused until then
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from model.adapters import load_merged
+from model.checkpoint import load_checkpoint
 from model.config import QUANTIZATIONS, ModelConfig
 from model.eager import EagerModel
 from model.native_q4 import NativeQ4Model, check_supported
@@ -79,13 +82,10 @@ class Served:
 
 
 def load_for_serving(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                     quantize: str | None = "none", adapters: list[str] | None = None) -> Served:
+                     quantize: str | None = "none", adapters: Sequence[str | Path] | None = None) -> Served:
     """Load a checkpoint directory (model.checkpoint, CheckpointError on a bad one), merge `adapters`
     (at most one LoRA adapter directory, AdapterError if it does not fit) and build the serving model
     for `quantize` ("none", "int8", "w8a8" or "q4") on `device` in `dtype`."""
-    from model.adapters import load_merged
-    from model.checkpoint import load_checkpoint
-
     _check_request(quantize, device, dtype, adapters)
     ckpt = load_checkpoint(path, device=device, dtype=dtype)
     for adapter in adapters or []:
@@ -123,7 +123,7 @@ def prepare_for_serving(model: Transformer, quantize: str | None = "none", token
 
 
 def _check_request(quantize: str | None, device: str | torch.device, dtype: torch.dtype,
-                   adapters: list[str] | None) -> None:
+                   adapters: Sequence[str | Path] | None) -> None:
     """Refuse what cannot be built before anything is loaded, with the reason."""
     if adapters and len(adapters) > 1:
         raise NotImplementedError(f"serving several LoRA adapters at once ({', '.join(map(str, adapters))}) "

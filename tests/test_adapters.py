@@ -14,6 +14,7 @@ import torch
 
 from model.adapters import AdapterError, load_merged, merge_adapter, read_adapter
 from model.checkpoint import load_checkpoint
+from model.inference import load_for_serving
 from tests.fixtures.training_corpus import write_task_data
 from training import adapt
 from training.common import build_config
@@ -43,18 +44,19 @@ def _peft_adapter(checkpoint: Path, out: Path, seed: int = 0) -> torch.Tensor:
         return peft_model.eval()(TOKENS)
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_merged_logits_equal_peft_wrapped_logits(tiny_checkpoint: Path, tmp_path: Path, fused: bool) -> None:
+@pytest.mark.parametrize("served", [False, True])
+def test_merged_logits_equal_peft_wrapped_logits(tiny_checkpoint: Path, tmp_path: Path, served: bool) -> None:
+    """Merged into the Transformer, and served (load_for_serving: merged, then fused projections)."""
     want = _peft_adapter(tiny_checkpoint, tmp_path / "a")
     base = load_checkpoint(tiny_checkpoint, dtype=torch.float32).model.eval()
-    if fused:
-        base.fuse_for_inference()
     adapter = read_adapter(tmp_path / "a")
     assert adapter.scale == 2.0 and len(adapter.updates) == 7 * base.config.n_layers
     with torch.no_grad():
         before = base(TOKENS)
-        merge_adapter(base, adapter)
-        got = base(TOKENS)
+        if served:
+            got = load_for_serving(tiny_checkpoint, adapters=[tmp_path / "a"]).model(TOKENS)
+        else:
+            got = merge_adapter(base, adapter)(TOKENS)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert (got - before).abs().max() > 1e-2  # the adapter really changes the model
 

@@ -9,6 +9,7 @@ import torch
 
 from model.config import preset
 from model.engine import EngineConfig, LLMEngine
+from model.inference import prepare_for_serving
 from model.sampling import MAX_LOGIT_BIAS, SamplingError, SamplingParams, process_logits
 from model.transformer import Transformer
 
@@ -44,7 +45,8 @@ def test_logit_bias_is_checked(bias: dict, why: str) -> None:
 
 def test_engine_refuses_a_bias_outside_the_vocabulary_instead_of_failing_the_step() -> None:
     model = Transformer(preset("test", vocab_size=64)).init_weights(seed=1).eval()
-    engine = LLMEngine(model, None, EngineConfig(max_num_seqs=2, max_model_len=64, max_num_batched_tokens=64))
+    engine = LLMEngine(prepare_for_serving(model), None, EngineConfig(max_num_seqs=2, max_model_len=64,
+                                                                      max_num_batched_tokens=64))
     with pytest.raises(SamplingError, match="logit_bias") as info:
         engine.add_request("a", [1, 2], SamplingParams(logit_bias={64: 1.0}))
     assert info.value.param == "logit_bias" and not engine.has_unfinished()

@@ -51,12 +51,12 @@ def test_whole_chain_checkpoint_answers_through_the_engine(tmp_path: Path) -> No
     assert 0 <= rep["results"]["classify"]["accuracy"] <= 1 and rep["results"]["perplexity"]["perplexity"] > 1
     assert "| classify | accuracy |" in (tmp_path / "ev" / "report.md").read_text()
     # 2. the engine loads the checkpoint and answers a prompt
-    ckpt = load_for_serving(tmp_path / "ft" / "checkpoint", dtype=torch.float32)
-    engine = LLMEngine(ckpt.model, ckpt.tokenizer, EngineConfig(max_num_seqs=2, max_model_len=256))
-    prompt = render_chat(ckpt.tokenizer, classify_messages("I lost my card", meta["labels"]["classify"])).ids
+    served = load_for_serving(tmp_path / "ft" / "checkpoint", dtype=torch.float32)
+    engine = LLMEngine(served.model, served.tokenizer, EngineConfig(max_num_seqs=2, max_model_len=256))
+    prompt = render_chat(served.tokenizer, classify_messages("I lost my card", meta["labels"]["classify"])).ids
     (out,) = engine.generate([prompt], SamplingParams(max_tokens=6, temperature=0.0, min_tokens=3))
     assert out.completion_tokens >= 3 and out.finished
-    assert ckpt.tokenizer.decode(out.token_ids).strip()
+    assert served.tokenizer.decode(out.token_ids).strip()
 
 
 def test_config_layers_and_unknown_keys_fail(tmp_path: Path) -> None:

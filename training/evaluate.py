@@ -215,6 +215,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def main(cfg: EvaluateConfig) -> dict[str, Any]:
+    from model.adapters import AdapterError
     from model.checkpoint import CheckpointError
     from model.engine import EngineConfig, LLMEngine
     from model.inference import load_for_serving
@@ -227,16 +228,10 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
 
         path = Path(ensure_default_model())
     try:
-        served = load_for_serving(path, device=device, dtype=torch.float32)
-    except CheckpointError as e:
+        served = load_for_serving(path, device=device, dtype=torch.float32,
+                                  adapters=[cfg.adapter] if cfg.adapter else None)
+    except (CheckpointError, AdapterError) as e:
         raise TrainingError(str(e)) from e
-    if cfg.adapter:
-        from model.adapters import AdapterError, load_merged
-
-        try:
-            load_merged(path, cfg.adapter, ckpt.model)
-        except AdapterError as e:
-            raise TrainingError(str(e)) from e
     if not any((cfg.perplexity, cfg.summarize, cfg.translate, cfg.classify)):
         raise TrainingError("nothing to evaluate: pass --perplexity, --summarize, --translate or --classify")
     tok = served.tokenizer
