@@ -64,11 +64,13 @@ def test_hung_engine_turns_health_red_then_green(app_checkpoint: Path) -> None: 
             assert _wait_until(lambda: c.get("/health").status_code == 503, timeout=20), "hung engine, /health 200"
             error = c.get("/health").json()["error"]
             assert error["code"] == "engine_stalled" and "no heartbeat for" in error["message"]
+            assert c.get("/ready").json()["error"]["code"] == "engine_stalled"
         finally:
             gate.set()
             request.join(60)
         assert replies[0].status_code == 200
         assert _wait_until(lambda: c.get("/health").status_code == 200, timeout=10), "beating again: green"
+        assert c.get("/ready").status_code == 200
 
 
 # ---------------------------------------------------------------------------- the real entry point

@@ -69,16 +69,17 @@ async def health(request: Request) -> Any:
 
 @router.get("/ready", response_model=HealthResponse, responses=PROBE_RESPONSES)
 async def ready(request: Request) -> Any:
-    """Readiness: 503 until the model is loaded and warm, while draining, and after a failure."""
+    """Readiness: 503 until the model is loaded and warm, while draining, and after a failure or
+    while the engine is stalled (a load balancer then sends nothing more here)."""
     state = request.app.state.seedling
     if state.load_error is not None:
         return _unhealthy(f"model failed to load: {state.load_error}", "load_failed")
     if state.service is None or not state.warm:
         return _unhealthy("model is loading", "not_ready")
-    client = state.client
-    if client.failure is not None:
-        return _unhealthy(f"engine failed: {client.failure!r}", "engine_failed")
-    if client.draining:
+    problem = state.engine_problem()
+    if problem is not None:
+        return _unhealthy(problem[1], problem[0])
+    if state.client.draining:
         return _unhealthy("server is draining", "draining")
     return HealthResponse(status="ready")
 
