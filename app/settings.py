@@ -53,8 +53,8 @@ class ServerSettings(BaseSettings):
     checkpoint: str | None = Field(None, description="checkpoint directory; unset = default SmolLM2")
     model_name: str | None = Field(None, description="name in /v1/models and `model`; unset = dir name")
     device: str = Field("auto", description="auto (cuda when present, else cpu) | cpu | cuda | cuda:N")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on cuda, f32 on cpu
-    quantize: Literal[("none", *QUANTIZATIONS)] = "none"  # type: ignore[valid-type]  # see bench/quality.py
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bf16 on cuda, f32 on cpu")
+    quantize: Literal[("none", *QUANTIZATIONS)] = Field("none", description="weights (bench/quality.py)")  # type: ignore[valid-type]
     max_num_seqs: int = Field(_ENGINE.max_num_seqs, ge=1, description="sequences decoded together")
     max_model_len: int = Field(_ENGINE.max_model_len, ge=16, description="prompt + generated tokens")
     max_num_batched_tokens: int = Field(_ENGINE.max_num_batched_tokens, ge=1, description="tokens per step")
@@ -82,7 +82,8 @@ class ServerSettings(BaseSettings):
     host: str = Field("127.0.0.1", description="bind address of `python -m app`")
     port: int = Field(8000, ge=1, le=65535, description="bind port of `python -m app`")
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM: seconds in-flight requests get")
-    log_level: Annotated[Literal["debug", "info", "warning", "error", "critical"], BeforeValidator(str.lower)] = "info"
+    log_level: Annotated[Literal["debug", "info", "warning", "error", "critical"], BeforeValidator(str.lower)] = Field(
+        "info", description="log level of the server and uvicorn")
     log_prompts: bool = Field(False, description="log prompts and outputs (off: privacy)")
     static_dir: str | None = Field(None, description="playground files served at /; unset = app/static")
 
