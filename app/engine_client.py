@@ -27,6 +27,7 @@ and let an abort of it end the other's stream.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import itertools
@@ -97,6 +98,7 @@ class EngineClient:
         self._lock = threading.Lock()
         self._in_flight = 0
         self._keys = itertools.count()
+        self._calls: collections.deque[tuple[Any, ...]] = collections.deque()  # engine thread only
         self._thread: threading.Thread | None = None
         self.heartbeat = time.monotonic()  # written by the engine thread once per loop
 
@@ -233,18 +235,27 @@ class EngineClient:
             while True:
                 self.heartbeat = time.monotonic()
                 busy = self.engine.has_unfinished()
-                # 1. commands: wait (one heartbeat at most) while idle, otherwise take whatever is queued
+                # 1. commands: wait (one heartbeat at most) while idle, otherwise take whatever is queued;
+                #    engine calls (scoring) are set aside in self._calls
                 while True:
+                    wait = not busy and not self._calls
                     try:
-                        command = self._commands.get(block=not busy, timeout=None if busy else HEARTBEAT_S)
+                        command = self._commands.get(block=wait, timeout=HEARTBEAT_S if wait else None)
                     except queue.Empty:
                         break
                     if command[0] == "stop":
                         self._shutdown(RequestAborted("server shutting down"))
                         return
+                    if command[0] == "call":
+                        self._calls.append(command)
+                        continue
                     self._handle(command)
                     busy = self.engine.has_unfinished()
-                # 2. one engine step for everything running
+                # 2. at most one engine call between two steps: clients that keep a call queued (one
+                #    /classify text after another) would otherwise never let the decodes run
+                if self._calls:
+                    self._handle(self._calls.popleft())
+                # 3. one engine step for everything running
                 if busy:
                     outputs = self.engine.step()
                     self._dispatch(outputs)
@@ -315,7 +326,7 @@ class EngineClient:
         self._fail_streams(error)
         while True:
             try:
-                command = self._commands.get_nowait()
+                command = self._calls.popleft() if self._calls else self._commands.get_nowait()
             except queue.Empty:
                 break
             if command[0] == "add":

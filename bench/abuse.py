@@ -9,7 +9,7 @@ request, each paired with the same load minus the abusive part, so the ratio sho
 itself costs the victim:
     bias      4-prompt /v1/completions with a 300-entry logit_bias   vs  the same without the bias
     stops     16 stop strings of the longest allowed length          vs  the same without stops
-    classify  /classify of 64 texts x 16 labels                      vs  idle
+    classify  /classify of 16 texts x 8 labels                       vs  idle
     huge      a ~900 KB prompt (refused: too long), tokenized         vs  idle
 Prints, per scenario: victim p50 / p90 (n), the ratio to its baseline, and the attackers' statuses.
 Bounded: `--seconds` per scenario; loopback URLs only. Not a test: timings depend on the machine.
@@ -52,8 +52,8 @@ def stops_body(abusive: bool) -> dict[str, Any]:
 
 
 def classify_body(_: bool) -> dict[str, Any]:
-    return {"text": [f"Review {i}: the product arrived late but works well." for i in range(64)],
-            "labels": [f"label {i}" for i in range(16)]}
+    return {"text": [f"Review {i}: the product arrived late but works well." for i in range(16)],
+            "labels": [f"label {i}" for i in range(8)]}
 
 
 def huge_body(_: bool) -> dict[str, Any]:
@@ -73,7 +73,10 @@ async def victim(client: httpx.AsyncClient, until: float) -> list[float]:
     latencies = []
     while time.perf_counter() < until:
         t0 = time.perf_counter()
-        r = await client.post("/v1/chat/completions", json=VICTIM)
+        try:
+            r = await client.post("/v1/chat/completions", json=VICTIM)
+        except httpx.HTTPError:
+            continue  # counted as missing (n drops)
         if r.status_code == 200:
             latencies.append(time.perf_counter() - t0)
     return latencies
@@ -92,7 +95,7 @@ async def attacker(client: httpx.AsyncClient, path: str, body: dict[str, Any], u
 async def measure(args: argparse.Namespace, path: str | None, body: dict[str, Any] | None
                   ) -> tuple[list[float], collections.Counter]:
     statuses: collections.Counter = collections.Counter()
-    async with httpx.AsyncClient(base_url=args.base_url, timeout=args.seconds * 4,
+    async with httpx.AsyncClient(base_url=args.base_url, timeout=max(60.0, args.seconds * 4),
                                  headers={"Authorization": f"Bearer {args.api_key}"} if args.api_key else None,
                                  limits=httpx.Limits(max_connections=args.attackers + 4)) as client:
         until = time.perf_counter() + args.seconds

@@ -281,3 +281,20 @@ def test_a_prompt_too_long_by_its_characters_is_refused_before_tokenizing(app_ch
         longest = max(len(svc.tokenizer.token_bytes(i)) for i in range(svc.tokenizer.vocab_size))
         assert svc.prompts.max_chars >= svc.max_model_len * longest
         assert f"{len(huge) + 2} characters" in error_of(r)["message"]  # /classify: the text and its labels
+
+
+def test_back_to_back_classify_calls_do_not_starve_decodes(app_checkpoint: Path) -> None:  # noqa: F811
+    """Two /classify requests keep a scoring call queued at all times; a 3-token chat must still
+    finish after a few of their texts, not after all of them (one engine call per step at most)."""
+    calls: list[int] = []
+    texts = {"text": [f"review number {i}: fine" for i in range(5)], "labels": ["positive", "negative"]}
+    with make_client(settings_for(app_checkpoint), loader=counting_score_loader(0.2, calls)) as client, \
+            ThreadPoolExecutor(2) as pool:
+        calls.clear()
+        heavy = [pool.submit(client.post, "/classify", json=texts) for _ in range(2)]
+        assert wait_until(lambda: len(calls) >= 2)
+        r = client.post("/chat", json={"messages": USER_HI, "max_tokens": 3, "temperature": 0})
+        scored_meanwhile = len(calls)
+        assert r.status_code == 200 and all(f.result(timeout=60).status_code == 200 for f in heavy)
+        assert len(calls) == 10
+        assert scored_meanwhile <= 7, f"the chat waited for {scored_meanwhile} of 10 scoring calls"
