@@ -47,6 +47,7 @@ class Loaded:
     meta: dict[str, Any]
     model_name: str
     max_model_len: int
+    serving_path: str = "unknown"  # which forward serves (model.inference.Capabilities.path)
 
 
 @dataclass
@@ -112,7 +113,7 @@ def load_model(settings: ServerSettings) -> Loaded:
     name = settings.model_name or str(served.meta.get("name") or Path(path).resolve().name)
     log.info("loaded %s from %s on %s (%s), max_model_len %d", name, path, device,
              served.model.capabilities.path, max_model_len)
-    return Loaded(engine, served.tokenizer, served.meta, name, max_model_len)
+    return Loaded(engine, served.tokenizer, served.meta, name, max_model_len, served.model.capabilities.path)
 
 
 async def _start(app: FastAPI, state: AppState, loader: Callable[[ServerSettings], Loaded]) -> None:
@@ -124,7 +125,7 @@ async def _start(app: FastAPI, state: AppState, loader: Callable[[ServerSettings
         state.client = client
         effective = settings.model_copy(update={"max_model_len": loaded.max_model_len})
         state.service = Service(effective, loaded.tokenizer, client, loaded.model_name, loaded.meta,
-                                state.metrics)
+                                state.metrics, loaded.serving_path)
         if settings.warmup:
             await _warmup(state.service)
         state.warm = True

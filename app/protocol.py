@@ -482,6 +482,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "seedling"
     max_model_len: int
+    serving_path: str  # which forward serves: "torch-fp32", "torch-bf16", "torch-int8-bf16", "fbgemm-w8a8", "native-q4"
 
 
 class ModelList(BaseModel):
@@ -492,3 +493,4 @@ class ModelList(BaseModel):
 class HealthResponse(BaseModel):
     status: str
     detail: str | None = None
+    serving_path: str | None = None  # /ready: which forward serves, as in /v1/models

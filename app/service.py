@@ -61,11 +61,13 @@ class Scored:
 
 class Service:
     def __init__(self, settings: ServerSettings, tokenizer: Tokenizer, client: EngineClient,
-                 model_name: str, meta: dict[str, Any], metrics: Metrics | None) -> None:
+                 model_name: str, meta: dict[str, Any], metrics: Metrics | None, serving_path: str = "unknown"
+                 ) -> None:
         self.settings = settings
         self.tokenizer = tokenizer
         self.client = client
         self.model_name = model_name
+        self.serving_path = serving_path  # "torch-fp32", "native-q4", ...: shown by /v1/models and /ready
         self.meta = meta
         self.metrics = metrics
         self.max_model_len = settings.max_model_len

@@ -161,6 +161,7 @@ def test_openai_completions_shapes(client: TestClient) -> None:
 def test_models_tokenize_detokenize(client: TestClient) -> None:
     models = client.get("/v1/models").json()
     assert models["data"][0]["id"] == "tiny" and models["data"][0]["max_model_len"] == 256
+    assert models["data"][0]["serving_path"] == "torch-fp32"  # the fixture serves fp32, unquantized
     ids = client.post("/tokenize", json={"text": "hello world"}).json()
     assert ids["count"] == len(ids["tokens"]) > 0
     assert client.post("/detokenize", json={"tokens": ids["tokens"]}).json()["text"] == "hello world"
@@ -174,7 +175,7 @@ def test_models_tokenize_detokenize(client: TestClient) -> None:
 
 def test_probes_and_metrics(client: TestClient) -> None:
     assert client.get("/health").json()["status"] == "ok"
-    assert client.get("/ready").json()["status"] == "ready"
+    assert client.get("/ready").json() == {"status": "ready", "detail": None, "serving_path": "torch-fp32"}
     client.post("/chat", json={"messages": USER_HI, "max_tokens": 2})
     text = client.get("/metrics").text
     for name in ("seedling_requests_running", "seedling_requests_waiting", "seedling_kv_cache_usage_ratio",

@@ -97,7 +97,8 @@ def _completion_items(svc: Service, prompts: list[str | list[int]], params: Samp
 
 @router.get("/v1/models", response_model=ModelList)
 async def models(svc: Service = Depends(get_service)) -> ModelList:
-    return ModelList(data=[ModelCard(id=svc.model_name, created=STARTED, max_model_len=svc.max_model_len)])
+    return ModelList(data=[ModelCard(id=svc.model_name, created=STARTED, max_model_len=svc.max_model_len,
+                                     serving_path=svc.serving_path)])
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion, responses={**ERROR_RESPONSES, **SSE_RESPONSE})

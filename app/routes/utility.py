@@ -81,7 +81,7 @@ async def ready(request: Request) -> Any:
         return _unhealthy(problem[1], problem[0])
     if state.client.draining:
         return _unhealthy("server is draining", "draining")
-    return HealthResponse(status="ready")
+    return HealthResponse(status="ready", serving_path=state.service.serving_path)
 
 
 @router.get("/metrics", response_class=Response,
