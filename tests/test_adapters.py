@@ -155,3 +155,17 @@ def test_adapt_resumes_exactly_after_sigkill(tiny_checkpoint: Path, tmp_path: Pa
 def test_adapt_config_rejects_unknown_targets() -> None:
     with pytest.raises(Exception, match="unknown lora_targets"):
         build_config(adapt.AdaptConfig, adapt.PRESETS, "tiny", lora_targets=["qkv"])
+
+
+def test_merge_adapter_job_writes_a_checkpoint_with_the_adapter_in_it(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from training import merge_adapter
+
+    want = _peft_adapter(tiny_checkpoint, tmp_path / "a")
+    argv = ["--adapter", str(tmp_path / "a"), "--init_from", str(tiny_checkpoint), "--out_dir", str(tmp_path / "m")]
+    assert merge_adapter.cli(argv) == 0
+    merged = load_checkpoint(tmp_path / "m", dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(merged.model.eval()(TOKENS), want, rtol=1e-5, atol=1e-5)
+    assert merged.meta["merged_adapter"]["path"] == str(tmp_path / "a")
+    assert merge_adapter.cli(["--adapter", str(tmp_path), "--out_dir", str(tmp_path / "n"),
+                              "--init_from", str(tiny_checkpoint)]) == 1  # not an adapter: one-line error

@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-JOBS = ("prepare_data", "train_tokenizer", "pretrain", "finetune", "adapt", "evaluate", "head")
+JOBS = ("prepare_data", "train_tokenizer", "pretrain", "finetune", "adapt", "merge_adapter", "evaluate", "head")
 
 
 def main(argv: list[str] | None = None) -> int:
