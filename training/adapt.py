@@ -57,7 +57,9 @@ from training.packing import DocumentAttention, PackedBatch, PackedStream, colla
 SHARED = "../shared/data"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # options that do not change the result: a resumed run may change them
-_RUNTIME_KEYS = {"time_budget_min", "progress", "threads", "fresh", "adapters_dir", "out_dir"}
+# (eval_every / save_every change which steps compete for "best" and where a kill resumes, never the weights)
+_RUNTIME_KEYS = {"time_budget_min", "progress", "threads", "fresh", "adapters_dir", "out_dir", "eval_every",
+                 "save_every"}
 
 
 @dataclass
@@ -355,10 +357,11 @@ def train(run: Run, st: RunState) -> bool:
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}", val=f"{st.last_val:.3f}", tok_s=f"{st.tokens / st.seconds:,.0f}")
         evaluated = st.step % cfg.eval_every == 0 or st.step == cfg.max_steps
+        if evaluated or st.step % cfg.save_every == 0:  # before evaluating: a kill there loses no steps
+            st.save(run.state_path, run.model, run.optimizer, cfg)
         if evaluated:
             evaluate_and_keep_best(run, st)
             bar.write(f"step {st.step}: val loss {st.last_val:.4f} (best {st.best_loss:.4f} at {st.best_step})")
-        if evaluated or st.step % cfg.save_every == 0:
             st.save(run.state_path, run.model, run.optimizer, cfg)
         t_last = time.perf_counter()  # evaluation and saving are not training time
     bar.close()
