@@ -278,8 +278,10 @@ class RunState:
     def load(cls, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
              cfg: AdaptConfig) -> RunState:
         blob = torch.load(path, weights_only=False)
-        if blob["config"] != _fingerprint(cfg):
-            changed = sorted(k for k in blob["config"] if blob["config"][k] != _fingerprint(cfg).get(k))
+        saved = {k: v for k, v in blob["config"].items() if k not in _RUNTIME_KEYS}
+        if saved != _fingerprint(cfg):
+            changed = sorted(k for k in saved.keys() | _fingerprint(cfg).keys()
+                             if saved.get(k) != _fingerprint(cfg).get(k))
             raise TrainingError(f"{path} was written with different settings ({', '.join(changed)}); "
                                 "re-run with the same flags, or pass --fresh to start over")
         load_trainable(model, blob["lora"])
