@@ -24,6 +24,10 @@ def _shared_like(root: Path) -> Path:
                     fh.writelines(json.dumps(r) + "\n" for r in part)
             else:
                 write_jsonl(path, part)
+    intents = [{"text": f"{w} my card please {i}", "label": lab} for i in range(6)
+               for lab, w in (("card_arrival", "where is"), ("lost_card", "I lost"), ("exchange_rate", "what rate for"))]
+    write_jsonl(root / "banking77" / "train.jsonl", intents)
+    write_jsonl(root / "banking77" / "test.jsonl", intents[:6])
     return root
 
 
@@ -41,7 +45,8 @@ def test_quick_run_builds_adapters_and_writes_the_report(tiny_checkpoint: Path, 
         assert (tmp_path / "adapters" / name / "adapter_model.safetensors").exists()
     md = (tmp_path / "out" / "report.md").read_text()
     assert "| translate | multi30k_en_de | test_2016_flickr | 4 | chrf |" in md
-    assert "banking77 head" in md
+    assert report["head"]["status"] == "built" and 0 <= report["head"]["test_accuracy"] <= 1
+    assert (tmp_path / "adapters" / "banking77").is_dir() and "banking77 head" in md
     # re-running the same command reuses everything: same numbers, adapters untouched
     before = (tmp_path / "adapters" / "summarize" / "adapter_model.safetensors").read_bytes()
     assert make_tasks.cli(argv) == 0

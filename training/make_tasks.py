@@ -14,7 +14,6 @@ an evaluation whose report already exists for the same model and settings is not
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
 from dataclasses import dataclass
@@ -61,6 +60,8 @@ class MakeTasksConfig:
     train_budget_min: float = field(15.0, help="training time budget per adapter, minutes")
     eval_limit: int = field(100, help="test examples per task (a seeded sample; 0 = the whole split)")
     quick: bool = field(False, help="a smoke run of minutes: 2 steps per adapter, 4 test examples")
+    head: bool = field(True, help="also build the Banking77 classification head (training.head)")
+    head_budget_min: float = field(10.0, help="time budget of the head's feature extraction, minutes")
     threads: int = field(1, help="CPU threads for torch")
 
 
@@ -125,11 +126,21 @@ def build_task(cfg: MakeTasksConfig, spec: TaskSpec) -> dict[str, Any]:
     return row
 
 
-def head_stage() -> dict[str, Any]:
-    """The Banking77 classification head is `training.head` (another change); run here once it exists."""
-    if importlib.util.find_spec("training.head") is None:
-        return {"status": "not run: training.head is not in this tree yet (TODO: call it here once it lands)"}
-    return {"status": "training.head exists but is not wired into make_tasks yet (TODO)"}
+def head_stage(cfg: MakeTasksConfig) -> dict[str, Any]:
+    """The Banking77 classification head on frozen features (`training.head`): one forward per text."""
+    from training import head
+
+    data = Path(cfg.data_dir).resolve() / "banking77"
+    over: dict[str, Any] = dict(base=cfg.init_from, train=str(data / "train.jsonl"), test=str(data / "test.jsonl"),
+                                adapters_dir=cfg.adapters_dir, threads=cfg.threads, progress=False,
+                                time_budget_min=cfg.head_budget_min)
+    if cfg.quick:
+        over.update(layer=1, val_per_label=0, max_test=8, l2=[1e-3])
+    t0 = time.perf_counter()
+    metrics = head.main(build_config(head.HeadConfig, head.PRESETS, None, **over))
+    return {"status": "built", "adapter": "banking77", "test_accuracy": metrics["test_accuracy"],
+            "test_n": metrics["test_n"], "minutes": round((time.perf_counter() - t0) / 60, 2),
+            "command": f"python -m training.head --train {over['train']} --test {over['test']}"}
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -146,14 +157,19 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", "Minutes per stage:", ""]
     lines += [f"- {r['adapter']}: " + ", ".join(f"{k} {v:.1f}" for k, v in r["minutes"].items())
               + f" ({r['tokens_per_s']:.0f} training tokens/s)" for r in report["rows"]]
-    lines += [f"- banking77 head: {report['head']['status']}", "", "Commands:", "", "```",
+    h = report["head"]
+    head_line = (f"test accuracy {100 * h['test_accuracy']:.2f} % (n={h['test_n']}), {h['minutes']:.1f} min"
+                 if h.get("status") == "built" else h["status"])
+    lines += [f"- banking77 head (`{report['adapters_dir']}/banking77`): {head_line}", "", "Commands:", "", "```",
               f"python -m training.make_tasks {' '.join(report['argv'])}   # this report"]
     lines += [r["command"] + f" --time_budget_min {report['train_budget_min']:g}" for r in report["rows"]]
+    lines += [h["command"]] if h.get("command") else []
     lines += [f"python -m training.evaluate --adapter {report['adapters_dir']}/{r['adapter']} "
               f"--{r['task']} <test file>   # the merged model through the engine" for r in report["rows"]]
     lines += ["```", "", "Serving: adapters are peft directories under "
-              f"`{report['adapters_dir']}/`; `model.adapters.load_merged` merges one into a loaded model "
-              "(per-request adapter serving is a separate change).", ""]
+              f"`{report['adapters_dir']}/`; `python -m training.merge_adapter --adapter "
+              f"{report['adapters_dir']}/<name> --out_dir runs/merged/<name>` then `SEEDLING_CHECKPOINT=runs/merged/<name> "
+              "make serve` serves one (per-request adapter serving is a separate change).", ""]
     for r in report["rows"]:
         lines += [f"- {r['adapter']} sample: `{json.dumps(s, ensure_ascii=False)}`" for s in r["samples"]]
     return "\n".join(lines) + "\n"
@@ -178,7 +194,7 @@ def main(cfg: MakeTasksConfig, argv: list[str] | None = None) -> dict[str, Any]:
     for spec in specs:
         report["rows"].append(build_task(cfg, spec))
         _write(cfg, report, t0)  # a partial report survives a later stage's failure
-    report["head"] = head_stage()
+    report["head"] = head_stage(cfg) if cfg.head else {"status": "not run (--no-head)"}
     _write(cfg, report, t0)
     print((Path(cfg.out_dir) / "report.md").read_text(encoding="utf-8"))
     return report
