@@ -1,7 +1,8 @@
 """NativeQ4Model: a q4 model's whole forward in one native call (`torch.ops.seedling.forward`, built by
-`model/native.py` from `model/csrc/seedling_cpu.cpp`) — one C++ call per step instead of thousands of
-PyTorch ops. Weights are model/quant/q4.py's blocks, K/V are fp16 by default (half the bytes per cached
-key and value; attention computes in fp32). x86-64 CPU with AVX2, float32 activations.
+`model/native.py` from `model/csrc/`) — one C++ call per step instead of thousands of PyTorch ops.
+Weights are model/quant/q4.py's blocks, K/V are fp16 by default (half the bytes per cached key and
+value; attention computes in fp32). Float32 activations on CPU; the kernel variant (AVX-512 VNNI,
+AVX2, portable C++) is the best this CPU runs, or SEEDLING_CPU_ISA's.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class NativeQ4Model(nn.Module):
         self.embed_tokens = eager.embed_tokens
         self.inv_freq = rotary_inv_freq(cfg.head_dim, cfg.rope_theta, torch.device("cpu"))
         self.cache_dtype = cache_dtype
+        self.isa = native.isa()
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 kv_cache: CacheBatch | None = None, logits_index: torch.Tensor | None = None) -> torch.Tensor:
@@ -59,7 +61,7 @@ class NativeQ4Model(nn.Module):
         rows = logits_index if logits_index is not None else torch.arange(B * T)
         cfg = self.config
         logits = torch.ops.seedling.forward(x, slots, pos, rows, self.weights, k, v, self.inv_freq,
-                                            cfg.n_heads, cfg.n_kv_heads, cfg.norm_eps)
+                                            cfg.n_heads, cfg.n_kv_heads, cfg.norm_eps, self.isa)
         return logits if logits_index is not None else logits.view(B, T, -1)
 
 
@@ -68,7 +70,7 @@ def check_supported(config: ModelConfig) -> None:
     `config` here; cheap, so callers check before packing any weight."""
     if config.head_dim not in HEAD_DIMS:
         raise ValueError(f"q4 supports head_dim {', '.join(map(str, HEAD_DIMS))}, not {config.head_dim}")
-    native.load()
+    native.isa()
 
 
 def _qdm(linear: nn.Module) -> list[torch.Tensor]:

@@ -126,11 +126,12 @@ def test_block_formats_round_trip(fmt):
 
 @pytest.mark.parametrize("fmt", ["q4_1", "q8_0"])
 @pytest.mark.parametrize("m", [1, 3, 4, 9])
-def test_block_linear_matches_the_integer_reference(fmt, m):
+def test_block_linear_matches_the_integer_reference(fmt, m, isa):
     torch.manual_seed(m)
     w, x = torch.randn(48, 96), torch.randn(m, 96) * 3
     x[0, 5] = 40.0  # an outlier only costs its own block's precision
     layer = BlockQuantLinear(w, fmt)
+    assert layer.isa == isa
     ref = reference_block_matmul(x, dequantize_block(layer.q, layer.d, layer.m))
     out = layer(x)
     assert out.shape == (m, 48)
@@ -144,9 +145,26 @@ def q4_model(tiny_checkpoint, cache_dtype: torch.dtype = torch.float16) -> Nativ
                          cache_dtype)
 
 
+def cpu_isas() -> list[str]:
+    from model import native
+
+    native.load()
+    return list(torch.ops.seedling.cpu_isas())
+
+
+@pytest.fixture(params=["avx512", "avx2", "generic"])
+def isa(request, monkeypatch) -> str:
+    """Each kernel variant this CPU can run, selected as a user would (SEEDLING_CPU_ISA)."""
+    if request.param not in cpu_isas():
+        pytest.skip(f"this CPU cannot run the {request.param} kernels")
+    monkeypatch.setenv("SEEDLING_CPU_ISA", request.param)
+    return request.param
+
+
 @torch.inference_mode()
-def test_native_forward_matches_the_eager_model_on_the_same_weights(tiny_checkpoint):
+def test_native_forward_matches_the_eager_model_on_the_same_weights(tiny_checkpoint, isa):
     eager = EagerModel.from_transformer(load_checkpoint(tiny_checkpoint).model, block_linear)
+    assert NativeQ4Model(eager).isa == isa
     tokens = torch.randint(0, 400, (2, 40), generator=torch.Generator().manual_seed(0))
     native_out = NativeQ4Model(eager)(tokens)
     eager_out = eager(tokens)  # the PyTorch layers composing the same seedling::linear projections
@@ -157,7 +175,7 @@ def test_native_forward_matches_the_eager_model_on_the_same_weights(tiny_checkpo
 
 @torch.inference_mode()
 @pytest.mark.parametrize("kv_dtype", [torch.float16, torch.float32])
-def test_native_forward_is_batch_invariant_over_the_kv_cache(tiny_checkpoint, kv_dtype):
+def test_native_forward_is_batch_invariant_over_the_kv_cache(tiny_checkpoint, kv_dtype, isa):
     """Chunked prefill, decode, and packing with another sequence give bit-identical logits to one
     full forward: every token is computed on its own (its own activation scales, its own attention).
     q4 keeps K/V in fp16; the native attention also reads an fp32 cache."""
@@ -198,11 +216,32 @@ def test_native_forward_rejects_bad_cache_positions(tiny_checkpoint):
         model(torch.tensor([[1, 2]]), positions=torch.tensor([[3, 4]]))
 
 
+@torch.inference_mode()
+def test_kernel_variants_agree_with_each_other(tiny_checkpoint, monkeypatch):
+    """The variants compute the same integer dot products; only fp32 summation order may differ."""
+    tokens = torch.randint(0, 400, (2, 24), generator=torch.Generator().manual_seed(3))
+    logits = {}
+    for name in cpu_isas():
+        monkeypatch.setenv("SEEDLING_CPU_ISA", name)
+        logits[name] = q4_model(tiny_checkpoint)(tokens)
+    reference = logits.pop("generic")
+    for name, out in logits.items():
+        assert relative_error(out, reference) < 1e-4, name
+        assert torch.equal(out.argmax(-1), reference.argmax(-1)), name
+
+
 def test_native_kernels_say_why_they_cannot_run(monkeypatch, tiny_checkpoint):
     from model import native
 
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
-    assert "AVX2" in native.unavailable_reason()
+    monkeypatch.setenv("SEEDLING_CPU_ISA", "sse9")
+    with pytest.raises(native.NativeUnavailable, match="SEEDLING_CPU_ISA='sse9' is not a kernel variant"):
+        native.isa()
+    monkeypatch.setattr(native.sys, "platform", "darwin")
+    assert "Linux" in native.unavailable_reason()
+    monkeypatch.undo()
+    with pytest.raises(RuntimeError, match="unknown kernel variant 'sse9'"):  # the op checks too
+        torch.ops.seedling.linear(torch.zeros(1, 32), torch.zeros(1, 128, dtype=torch.uint8),
+                                  torch.zeros(8, dtype=torch.half), torch.zeros(8, dtype=torch.half), "sse9")
     ckpt = load_checkpoint(tiny_checkpoint)
     with pytest.raises(ValueError, match="float32"):
         prepare_for_serving(ckpt.model.to(torch.bfloat16), quantize="q4")
@@ -217,7 +256,7 @@ def test_native_build_failures_are_clear(monkeypatch, tmp_path):
     broken = tmp_path / "broken.cpp"
     broken.write_text("this is not C++\n")
     monkeypatch.delenv("CXX")
-    monkeypatch.setattr(native, "SOURCE", broken)
+    monkeypatch.setattr(native, "SOURCES", [broken])
     with pytest.raises(native.NativeUnavailable, match="building broken.cpp failed"):
         native.build(tmp_path / "lib.so")
     assert not (tmp_path / "lib.so").exists()  # nothing half-written is left to load

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from model import native
+
 # Weights are packed in groups of 8 output rows so the kernel reads 4 inputs of 8 rows per 256-bit
 # load (the layout is documented in model/csrc/seedling_cpu.cpp). QK inputs share one scale.
 QK, ROWS = 32, 8
@@ -88,9 +90,10 @@ class BlockQuantLinear(nn.Module):
         self.register_buffer("d", d)
         self.register_buffer("m", m)
         self.fmt, self.in_features, self.out_features = fmt, k, n
+        self.isa = native.isa()  # the kernel variant (SEEDLING_CPU_ISA, else the best this CPU has)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.seedling.linear(x, self.q, self.d, self.m)
+        return torch.ops.seedling.linear(x, self.q, self.d, self.m, self.isa)
 
 
 def block_linear(weight: torch.Tensor, name: str) -> BlockQuantLinear:
