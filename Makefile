@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PORT ?= 8000
 DATA ?= ../shared/data
 
-.PHONY: setup setup-dev model serve test lint bench tasks tasks-quick
+.PHONY: setup setup-dev model native serve test lint bench tasks tasks-quick
 
 $(PY):
 	.ci/setup.sh
@@ -18,11 +18,17 @@ setup-dev:
 model: setup
 	$(PY) -m model.convert default
 
-serve: setup model
+# the native CPU kernels (SEEDLING_QUANTIZE=auto serves q4 with them), built now rather than at the
+# first start; where they cannot build, the server says why and serves through torch
+native: setup
+	$(PY) -m model.native || echo "native kernels not built: the server will use the torch path"
+
+serve: setup model native
 	$(PY) -m app --port $(PORT)
 
 test: setup-dev
 	$(PY) -m model.convert default
+	$(PY) -m model.native || echo "native kernels not built: the q4 tests will say why"
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q -ra
 

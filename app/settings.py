@@ -35,7 +35,8 @@ from model.engine import EngineConfig
 ENV_PREFIX = "SEEDLING_"
 SECRETS_DIR = Path("/run/secrets")  # Docker/compose secrets; read only when present
 # SEEDLING_* variables of other parts of Seedling, read from the environment only (not from .env)
-FOREIGN_ENV = frozenset({"SEEDLING_HOME", "SEEDLING_NATIVE_DIR"})  # model/: data home, native kernels
+# model/: data home, native kernels (where they are built, which variant runs)
+FOREIGN_ENV = frozenset({"SEEDLING_HOME", "SEEDLING_NATIVE_DIR", "SEEDLING_CPU_ISA"})
 _ENGINE = EngineConfig()  # the engine's defaults, read (never restated) by the fields below
 CommaList = Annotated[tuple[str, ...], NoDecode]  # "a, b," (or lines) in the environment -> ("a", "b")
 Source = PydanticBaseSettingsSource
@@ -54,7 +55,8 @@ class ServerSettings(BaseSettings):
     model_name: str | None = Field(None, description="name in /v1/models and `model`; unset = dir name")
     device: str = Field("auto", description="auto (cuda when present, else cpu) | cpu | cuda | cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bf16 on cuda, f32 on cpu")
-    quantize: Literal[("none", *QUANTIZATIONS)] = Field("none", description="weights (bench/quality.py)")  # type: ignore[valid-type]
+    quantize: Literal[("auto", "none", *QUANTIZATIONS)] = Field(  # type: ignore[valid-type]
+        "auto", description="auto: q4 where the native CPU kernels run, else none (bench/quality.py)")
     max_num_seqs: int = Field(_ENGINE.max_num_seqs, ge=1, description="sequences decoded together")
     max_model_len: int = Field(_ENGINE.max_model_len, ge=16, description="prompt + generated tokens")
     max_num_batched_tokens: int = Field(_ENGINE.max_num_batched_tokens, ge=1, description="tokens per step")

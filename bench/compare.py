@@ -4,6 +4,11 @@
     python -m bench.compare --llama-url http://127.0.0.1:8080 --quantize int8 --dtype bfloat16
     python -m bench.compare --no-llama --concurrency 1,16                                 # ours only
 
+Without --quantize / --dtype ours runs what `make serve` runs (SEEDLING_QUANTIZE=auto; /ready names
+the path). The run also prints the CPU and its SIMD flags, a STREAM-style copy bandwidth measured
+before and after the servers, and single-stream decode (1 / inter-token latency p50 at C=1) against
+its memory-bound limit, bandwidth / weight bytes per decode step (bench/machine.py).
+
 The servers run one after the other, never together. Workloads (streaming /v1/chat/completions,
 greedy, exactly --max-tokens new tokens per request, closed loop with C clients x R requests):
   1. the 16 load prompts at C = 1, 4, 16, 64: aggregate tok/s, TTFT and inter-token latency p50/p99;
@@ -28,6 +33,7 @@ from pathlib import Path
 import httpx
 
 from bench.load import main_async as load_levels
+from bench.machine import copy_bandwidth, cpu_description, decode_weight_bytes
 from bench.workload import LOAD_PROMPTS
 from model.config import QUANTIZATIONS
 
@@ -85,8 +91,10 @@ def stop(proc: subprocess.Popen) -> None:
 def start_ours(a: argparse.Namespace, prefix_caching: bool) -> tuple[str, subprocess.Popen]:
     port = free_port()
     env = {**os.environ, "SEEDLING_PORT": str(port), "SEEDLING_MAX_NUM_SEQS": str(max(a.levels)),
-           "SEEDLING_DTYPE": a.dtype, "SEEDLING_PREFIX_CACHING": "1" if prefix_caching else "0",
+           "SEEDLING_PREFIX_CACHING": "1" if prefix_caching else "0",
            "SEEDLING_MAX_QUEUED_REQUESTS": "256", "SEEDLING_MAX_MODEL_LEN": "2048"}
+    if a.dtype:
+        env["SEEDLING_DTYPE"] = a.dtype
     if a.quantize:
         env["SEEDLING_QUANTIZE"] = a.quantize
     if a.checkpoint:
@@ -128,11 +136,26 @@ def run_load(url: str, a: argparse.Namespace, levels: list[int], prompts: list[s
 
 
 def measure(url: str, a: argparse.Namespace, caching_extra: dict | None) -> dict:
+    ready = httpx.get(url + "/ready", timeout=10)
+    serving_path = ready.json().get("serving_path") if ready.status_code == 200 else None
     rows = run_load(url, a, a.levels, prompts=LOAD_PROMPTS, extra=caching_extra)
     system = shared_system_prompt()
     shared = run_load(url, a, [1], prompts=[f"Question {i}: {q}" for i, q in enumerate(LOAD_PROMPTS)],
                       system=system, extra=caching_extra, requests_per_client=6)
-    return {"levels": rows, "shared_prompt": shared[0]}
+    return {"levels": rows, "shared_prompt": shared[0], "serving_path": serving_path}
+
+
+def machine_limits(a: argparse.Namespace) -> dict:
+    """The CPU, and the weight bytes our serving path reads per decode step (same settings as the server)."""
+    import torch
+
+    from model.convert import ensure_default_model
+    from model.inference import load_for_serving
+
+    model = load_for_serving(a.checkpoint or ensure_default_model(), dtype=getattr(torch, a.dtype or "float32"),
+                             quantize=a.quantize or "auto").model
+    return {"cpu": cpu_description(), "weight_bytes": decode_weight_bytes(model.network),
+            "path": model.capabilities.path, "copy_bandwidth_Bps": []}
 
 
 def main() -> None:
@@ -143,8 +166,9 @@ def main() -> None:
     ap.add_argument("--no-llama", action="store_true")
     ap.add_argument("--gguf", default=None, help="GGUF for llama-server (default: the cached SmolLM2 one)")
     ap.add_argument("--checkpoint", default=None, help="our checkpoint (default: SmolLM2)")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--quantize", default=None, choices=QUANTIZATIONS)
+    ap.add_argument("--dtype", default=None, help="SEEDLING_DTYPE (default: the server's, auto)")
+    ap.add_argument("--quantize", default=None, choices=("auto", "none", *QUANTIZATIONS),
+                    help="SEEDLING_QUANTIZE (default: the server's, auto)")
     ap.add_argument("--concurrency", default="1,4,16,64")
     ap.add_argument("--requests-per-client", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=128)
@@ -152,7 +176,10 @@ def main() -> None:
     ap.add_argument("--json-out", default=None)
     a = ap.parse_args()
     a.levels = [int(c) for c in a.concurrency.split(",")]
-    results: dict[str, dict] = {}
+    results: dict[str, dict] = {"machine": machine_limits(a)}
+    cpu = results["machine"]["cpu"]
+    print(f"CPU: {cpu['model']} ({cpu['cpus']} CPUs; {' '.join(cpu['simd_flags'])})", flush=True)
+    results["machine"]["copy_bandwidth_Bps"].append(copy_bandwidth(threads=a.threads))
 
     print("== ours (prefix caching on)", flush=True)
     url, proc = start_ours(a, prefix_caching=True)
@@ -182,6 +209,7 @@ def main() -> None:
         finally:
             if proc is not None:
                 stop(proc)
+    results["machine"]["copy_bandwidth_Bps"].append(copy_bandwidth(threads=a.threads))
     report(results)
     if a.json_out:
         Path(a.json_out).write_text(json.dumps(results, indent=1))
@@ -189,6 +217,7 @@ def main() -> None:
 
 def report(results: dict[str, dict]) -> None:
     ours, theirs = results["ours"], results.get("llama")
+    print(f"\nours: {ours['serving_path'] or results['machine']['path']}")
     print("\n| workload | C | ours tok/s | llama.cpp tok/s | ratio | ours TTFT p50/p99 ms | llama.cpp TTFT p50/p99 ms "
           "| ours ITL p50/p99 ms | llama.cpp ITL p50/p99 ms |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -213,6 +242,22 @@ def report(results: dict[str, dict]) -> None:
         loff = results["llama_nocache"]["shared_prompt"]["ttft_p50_s"]
         print(f"  llama.cpp: cache_prompt on {lon * 1e3:.0f} ms, off {loff * 1e3:.0f} ms; "
               f"ours/llama.cpp TTFT with caching: {on / lon:.2f}x")
+    report_limit(results)
+
+
+def report_limit(results: dict[str, dict]) -> None:
+    """Single-stream decode against bandwidth / weight bytes (the best of the copy measurements)."""
+    machine = results["machine"]
+    bandwidth, weights = max(machine["copy_bandwidth_Bps"]), machine["weight_bytes"]
+    limit = bandwidth / weights
+    print(f"\nMemory: STREAM-style copy {', '.join(f'{b / 1e9:.1f}' for b in machine['copy_bandwidth_Bps'])} GB/s "
+          f"(before, after the servers); {machine['path']} reads {weights / 1e6:.1f} MB of weights per decode "
+          f"step -> limit {limit:.0f} tokens/s at C=1")
+    for name in ("ours", "llama"):
+        level = next((r for r in results.get(name, {}).get("levels", []) if r["concurrency"] == 1), None)
+        if level and level["itl_p50_s"]:
+            decode = 1 / level["itl_p50_s"]
+            print(f"  {name}: decode at C=1 (1 / ITL p50) {decode:.0f} tokens/s = limit / {limit / decode:.2f}")
 
 
 if __name__ == "__main__":

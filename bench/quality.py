@@ -2,7 +2,10 @@
 same checkpoint:
 perplexity on fixed text (target: within 2 % of fp32) and greedy agreement on the 5 reference prompts.
 
-    python -m bench.quality                                     # fp32 vs q4, int8, w8a8, bf16, bf16+int8
+    python -m bench.quality                                     # fp32 vs auto, q4, int8, w8a8, bf16, bf16+int8
+    python -m bench.quality --checkpoint runs/sft --variants fp32,auto   # any checkpoint (q4 packs it on load)
+
+`auto` is what `make serve` runs (SEEDLING_QUANTIZE's default: q4 where the native kernels run).
     python -m bench.quality --text ../shared/data/en_public_domain_text/test.jsonl --max-tokens 8192
 
 Perplexity is computed over non-overlapping 512-token windows of the text (one JSON object with a
@@ -68,7 +71,7 @@ def main() -> None:
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--text", default=str(DEFAULT_TEXT), help="text or JSONL file for perplexity")
     ap.add_argument("--max-tokens", type=int, default=4096, help="tokens of text to score")
-    ap.add_argument("--variants", default="fp32,q4,int8,w8a8,bf16,bf16+int8")
+    ap.add_argument("--variants", default="fp32,auto,q4,int8,w8a8,bf16,bf16+int8")
     a = ap.parse_args()
     path = a.checkpoint or ensure_default_model()
     tok = Tokenizer.load(Path(path))
@@ -80,9 +83,9 @@ def main() -> None:
     for variant in a.variants.split(","):
         mode = variant.split("+")[-1]
         model = load_for_serving(path, dtype=torch.bfloat16 if variant.startswith("bf16") else torch.float32,
-                                 quantize=mode if mode in QUANTIZATIONS else "none").model
+                                 quantize=mode if mode in (*QUANTIZATIONS, "auto") else "none").model
         results[variant] = (perplexity(model, ids), greedy_outputs(model, tok, prompts))
-        print(f"{variant}: perplexity {results[variant][0]:.3f}", flush=True)
+        print(f"{variant} ({model.capabilities.path}): perplexity {results[variant][0]:.3f}", flush=True)
     ppl0, out0 = results["fp32"] if "fp32" in results else next(iter(results.values()))
     print("\n| variant | perplexity | vs fp32 | greedy outputs identical to fp32 | mean common prefix (tokens) |")
     print("|---|---|---|---|---|")

@@ -17,6 +17,7 @@ updates carried by the projections) are the next step and are refused until then
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,13 +26,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from model import native
 from model.adapters import load_merged
 from model.checkpoint import load_checkpoint
 from model.config import QUANTIZATIONS, ModelConfig
 from model.eager import EagerModel
-from model.native_q4 import NativeQ4Model, check_supported
+from model.native_q4 import HEAD_DIMS, NativeQ4Model, check_supported
 from model.quant.int8 import Int8Linear
-from model.quant.q4 import block_linear
+from model.quant.q4 import QK, ROWS, block_linear
 from model.quant.w8a8 import CALIBRATION_TEXT, quantize_w8a8
 from model.transformer import Transformer
 
@@ -40,13 +42,14 @@ if TYPE_CHECKING:
     from model.tokenizer import Tokenizer
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+log = logging.getLogger("seedling.inference")
 
 
 @dataclass(frozen=True)
 class Capabilities:
     """What the engine and the server may ask of a model, decided once when it is built."""
 
-    path: str  # which forward serves, for logs, /v1/models and /ready: "torch-fp32", "native-q4", ...
+    path: str  # which forward serves, for logs and /ready: "torch-fp32", "native-q4-avx512", ...
     quantization: str  # "none" or one of model.config.QUANTIZATIONS
     supports_cuda_graphs: bool  # decode steps may be recorded as CUDA graphs (model/engine/cuda_graphs.py)
 
@@ -85,7 +88,7 @@ def load_for_serving(path: str | Path, device: str | torch.device = "cpu", dtype
                      quantize: str | None = "none", adapters: Sequence[str | Path] | None = None) -> Served:
     """Load a checkpoint directory (model.checkpoint, CheckpointError on a bad one), merge `adapters`
     (at most one LoRA adapter directory, AdapterError if it does not fit) and build the serving model
-    for `quantize` ("none", "int8", "w8a8" or "q4") on `device` in `dtype`."""
+    for `quantize` ("auto", "none", "int8", "w8a8" or "q4") on `device` in `dtype`."""
     _check_request(quantize, device, dtype, adapters)
     ckpt = load_checkpoint(path, device=device, dtype=dtype)
     for adapter in adapters or []:
@@ -97,9 +100,13 @@ def load_for_serving(path: str | Path, device: str | torch.device = "cpu", dtype
 def prepare_for_serving(model: Transformer, quantize: str | None = "none", tokenizer: Tokenizer | None = None
                         ) -> InferenceModel:
     """The serving model for `model` (left unchanged: unfused weights and the embedding are shared with
-    it, so keep it unmodified while serving). w8a8 calibrates on CALIBRATION_TEXT: it needs the tokenizer."""
+    it, so keep it unmodified while serving). w8a8 calibrates on CALIBRATION_TEXT: it needs the tokenizer.
+    `auto` is q4 or none (choose_auto), logged with the reason."""
     quantize = quantize or "none"
     _check_request(quantize, model.device, model.dtype, None)
+    if quantize == "auto":
+        quantize, why = choose_auto(model)
+        log.info("SEEDLING_QUANTIZE=auto: %s (%s)", "q4" if quantize == "q4" else "the torch path serves", why)
     device, dtype, name = model.device, model.dtype, DTYPE_NAMES.get(model.dtype, str(model.dtype))
     cache_dtype = dtype
     if quantize == "none":
@@ -117,9 +124,31 @@ def prepare_for_serving(model: Transformer, quantize: str | None = "none", token
         check_supported(model.config)  # says why not before any weight is packed
         cache_dtype = torch.float16
         network = NativeQ4Model(EagerModel.from_transformer(model, block_linear), cache_dtype)
-        path = "native-q4"
+        path = f"native-q4-{network.isa}"
     graphs = device.type == "cuda" and isinstance(network, EagerModel)
     return InferenceModel(model.config, network, device, dtype, cache_dtype, Capabilities(path, quantize, graphs))
+
+
+def choose_auto(model: Transformer) -> tuple[str, str]:
+    """What `auto` serves with: ("q4", how) where the native kernels run at full speed, else
+    ("none", why not). q4 on the portable kernels (a CPU without AVX2) is slower than torch's own
+    kernels, so auto does not pick it; an explicit q4 still runs them."""
+    if model.device.type != "cpu" or model.dtype != torch.float32:
+        return "none", f"q4 runs on CPU in float32, this model is on {model.device.type} in " \
+                       f"{DTYPE_NAMES.get(model.dtype, model.dtype)}"
+    cfg = model.config
+    widths = (cfg.dim, cfg.ffn_dim, cfg.n_heads * cfg.head_dim)
+    outputs = (cfg.dim, 2 * cfg.ffn_dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, cfg.vocab_size)
+    if cfg.head_dim not in HEAD_DIMS or any(k % QK for k in widths) or any(n % ROWS for n in outputs):
+        return "none", f"q4 needs head_dim in {HEAD_DIMS}, layer inputs divisible by {QK} and outputs by {ROWS}"
+    try:
+        isa = native.isa()
+    except native.NativeUnavailable as e:
+        return "none", f"the native q4 kernels are unavailable: {e}"
+    if isa == "generic":
+        return "none", "this CPU has no AVX2 (or SEEDLING_CPU_ISA=generic): the portable q4 kernels are " \
+                       "slower than torch's (SEEDLING_QUANTIZE=q4 runs them anyway)"
+    return "q4", f"native {isa} kernels"
 
 
 def _check_request(quantize: str | None, device: str | torch.device, dtype: torch.dtype,
@@ -128,8 +157,8 @@ def _check_request(quantize: str | None, device: str | torch.device, dtype: torc
     if adapters and len(adapters) > 1:
         raise NotImplementedError(f"serving several LoRA adapters at once ({', '.join(map(str, adapters))}) "
                                   "is not implemented yet; one adapter can be merged into the model")
-    if quantize not in (None, "none", *QUANTIZATIONS):
-        raise ValueError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANTIZATIONS)} or none")
+    if quantize not in (None, "auto", "none", *QUANTIZATIONS):
+        raise ValueError(f"unknown quantization {quantize!r}; choose auto, none or one of {', '.join(QUANTIZATIONS)}")
     if quantize in ("w8a8", "q4") and (torch.device(device).type != "cpu" or dtype != torch.float32):
         kernels = "native kernels" if quantize == "q4" else "fbgemm"
         raise ValueError(f"{quantize} runs on CPU with float32 activations ({kernels}); use int8 on other devices")

@@ -158,10 +158,19 @@ def test_openai_completions_shapes(client: TestClient) -> None:
     assert {c["choices"][0]["index"] for c in chunks if c["choices"]} == {0, 1}
 
 
+def default_serving_path() -> str:
+    """SEEDLING_QUANTIZE=auto: q4 on the best native kernels this CPU runs, torch fp32 where only the
+    portable ones do."""
+    from model import native
+
+    isa = native.isa()
+    return "torch-fp32" if isa == "generic" else f"native-q4-{isa}"
+
+
 def test_models_tokenize_detokenize(client: TestClient) -> None:
     models = client.get("/v1/models").json()
     assert models["data"][0]["id"] == "tiny" and models["data"][0]["max_model_len"] == 256
-    assert models["data"][0]["serving_path"] == "torch-fp32"  # the fixture serves fp32, unquantized
+    assert models["data"][0]["serving_path"] == default_serving_path()  # the fixture serves the defaults
     ids = client.post("/tokenize", json={"text": "hello world"}).json()
     assert ids["count"] == len(ids["tokens"]) > 0
     assert client.post("/detokenize", json={"tokens": ids["tokens"]}).json()["text"] == "hello world"
@@ -175,7 +184,7 @@ def test_models_tokenize_detokenize(client: TestClient) -> None:
 
 def test_probes_and_metrics(client: TestClient) -> None:
     assert client.get("/health").json()["status"] == "ok"
-    assert client.get("/ready").json() == {"status": "ready", "detail": None, "serving_path": "torch-fp32"}
+    assert client.get("/ready").json() == {"status": "ready", "detail": None, "serving_path": default_serving_path()}
     client.post("/chat", json={"messages": USER_HI, "max_tokens": 2})
     text = client.get("/metrics").text
     for name in ("seedling_requests_running", "seedling_requests_waiting", "seedling_kv_cache_usage_ratio",
@@ -359,3 +368,23 @@ def test_q4_server_answers_concurrent_requests_exactly_as_alone(app_checkpoint: 
         scored = c.post("/classify", json={"text": "I lost my card", "labels": labels}).json()["scores"]
         assert math.isclose(sum(x["score"] for x in scored), 1.0, rel_tol=1e-6)
         assert c.post("/classify", json={"text": "I lost my card", "labels": labels}).json()["scores"] == scored
+
+
+def test_default_serves_q4_and_falls_back_clearly_without_avx2(app_checkpoint: Path,  # noqa: F811
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """SEEDLING_QUANTIZE defaults to auto: q4 on the best kernels this CPU runs, reported by /ready.
+    On a CPU without AVX2 (simulated: SEEDLING_CPU_ISA=generic) auto serves through torch, and an
+    explicit q4 runs the portable kernels, which give the tokens the SIMD kernels give."""
+    from model import native
+
+    body = {"prompt": "Count to 5", "max_tokens": 10, "temperature": 0}
+    with make_client(settings_for(app_checkpoint)) as c:
+        assert c.get("/ready").json()["serving_path"] == f"native-q4-{native.isa()}"
+        fast = c.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    monkeypatch.setenv("SEEDLING_CPU_ISA", "generic")
+    with make_client(settings_for(app_checkpoint)) as c:
+        assert c.get("/ready").json()["serving_path"] == "torch-fp32"
+        assert c.post("/v1/completions", json=body).status_code == 200
+    with make_client(settings_for(app_checkpoint, quantize="q4")) as c:
+        assert c.get("/ready").json()["serving_path"] == "native-q4-generic"
+        assert c.post("/v1/completions", json=body).json()["choices"][0]["text"] == fast

@@ -42,7 +42,7 @@ def test_from_env_parses_types_and_lists(monkeypatch: pytest.MonkeyPatch, tmp_pa
     ({"SEEDLING_PORT": "0"}, "SEEDLING_PORT='0': Input should be greater than or equal to 1"),
     ({"SEEDLING_DEVICE": "tpu"}, "SEEDLING_DEVICE='tpu': must be auto, cpu, cuda or cuda:N"),
     ({"SEEDLING_DTYPE": "fp8"}, "SEEDLING_DTYPE='fp8': Input should be 'auto', 'float32', 'bfloat16' or 'float16'"),
-    ({"SEEDLING_QUANTIZE": "int4"}, "SEEDLING_QUANTIZE='int4': Input should be 'none', 'int8'"),
+    ({"SEEDLING_QUANTIZE": "int4"}, "SEEDLING_QUANTIZE='int4': Input should be 'auto', 'none', 'int8'"),
     ({"SEEDLING_LOG_PROMPTS": "maybe"}, "SEEDLING_LOG_PROMPTS='maybe': Input should be a valid boolean"),
     ({"SEEDLING_MAX_TOKENS_DEFAULT": "5000"}, "SEEDLING_MAX_TOKENS_DEFAULT=5000 must be <= SEEDLING_MAX_TOKENS_LIMIT"),
     ({"SEEDLING_PREFIX_CACHING": "sometimes"}, "^SEEDLING_PREFIX_CACHING='sometimes': Input should be a valid boolean"),

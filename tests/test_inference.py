@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 
+from model import native
 from model.checkpoint import load_checkpoint
 from model.inference import Capabilities, load_for_serving, prepare_for_serving
 from model.kv_cache import KVCache
@@ -20,12 +21,13 @@ TOKENS = torch.tensor([[5, 17, 42, 99, 7, 300, 12, 64, 3]])
     ("none", "torch-fp32", torch.float32, 1e-5),
     ("int8", "torch-int8-fp32", torch.float32, 0.05),
     ("w8a8", "fbgemm-w8a8", torch.float32, 0.05),
-    ("q4", "native-q4", torch.float16, 0.05),
+    ("q4", "native-q4-{isa}", torch.float16, 0.05),  # the kernel variant this CPU runs
 ])
 def test_every_variant_tracks_the_oracle_and_says_what_it_is(tiny_checkpoint, quantize, path, cache_dtype, tolerance):
     oracle = load_checkpoint(tiny_checkpoint).model
     served = load_for_serving(tiny_checkpoint, quantize=quantize)
     model = served.model
+    path = path.format(isa=native.isa()) if quantize == "q4" else path
     assert model.capabilities == Capabilities(path=path, quantization=quantize, supports_cuda_graphs=False)
     assert model.cache_dtype == cache_dtype and model.dtype == torch.float32 and model.device.type == "cpu"
     assert served.tokenizer.vocab_size == 400 and served.path == tiny_checkpoint

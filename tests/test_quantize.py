@@ -260,3 +260,21 @@ def test_native_build_failures_are_clear(monkeypatch, tmp_path):
     with pytest.raises(native.NativeUnavailable, match="building broken.cpp failed"):
         native.build(tmp_path / "lib.so")
     assert not (tmp_path / "lib.so").exists()  # nothing half-written is left to load
+
+
+def test_auto_picks_q4_where_the_fast_kernels_run(tiny_checkpoint, monkeypatch, caplog):
+    best = cpu_isas()[0]
+    with caplog.at_level("INFO", logger="seedling.inference"):
+        model = prepare_for_serving(load_checkpoint(tiny_checkpoint).model, "auto")
+    if best == "generic":
+        assert model.capabilities.path == "torch-fp32" and "no AVX2" in caplog.text
+    else:
+        assert model.capabilities.path == f"native-q4-{best}" and f"q4 (native {best} kernels)" in caplog.text
+    caplog.clear()
+    monkeypatch.setenv("SEEDLING_CPU_ISA", "generic")  # what a CPU without AVX2 sees
+    with caplog.at_level("INFO", logger="seedling.inference"):
+        model = prepare_for_serving(load_checkpoint(tiny_checkpoint).model, "auto")
+    assert model.capabilities.path == "torch-fp32" and model.capabilities.quantization == "none"
+    assert "the torch path serves (this CPU has no AVX2" in caplog.text
+    model = prepare_for_serving(load_checkpoint(tiny_checkpoint, dtype=torch.bfloat16).model, "auto")
+    assert model.capabilities.path == "torch-bf16"

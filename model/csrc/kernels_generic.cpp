@@ -111,7 +111,7 @@ void attend(const AttentionBatch& a, const LayerCache<T>& cache) {
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   int64_t longest = 0;
   for (int64_t t = 0; t < a.n_tokens; ++t) longest = std::max(longest, a.positions[t] + 1);
-  at::parallel_for(0, a.n_tokens * s.n_kv_heads, 1, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, a.n_tokens * s.n_kv_heads, attention_grain(longest, group, hd), [&](int64_t i0, int64_t i1) {
     std::unique_ptr<float[]> scores(new float[longest]);
     for (int64_t item = i0; item < i1; ++item) {
       const int64_t t = item / s.n_kv_heads, g = item % s.n_kv_heads;

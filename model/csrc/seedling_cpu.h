@@ -16,6 +16,7 @@
 
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -73,6 +74,14 @@ struct AttentionBatch {
   LayerShape shape;
   float* out;
 };
+
+// Work items (token, kv head) per thread in attention: at least ~64K multiply-adds each, so a short
+// decode runs on the calling thread instead of paying a thread fork/join (and, on a busy machine,
+// a wait for the second thread to be scheduled) for microseconds of work.
+inline int64_t attention_grain(int64_t longest, int64_t group, int64_t head_dim) {
+  const int64_t work = std::max<int64_t>(1, longest * group * head_dim);
+  return std::max<int64_t>(1, (int64_t{1} << 16) / work);
+}
 
 // One instruction-set variant of the hot loops. Every variant computes the same integer dot products;
 // only the fp32 summation order differs (tests hold each against the reference forward).
