@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from model import grammar
 from model.sampling import MAX_LOGIT_BIAS, MAX_STOP_CHARS, MAX_STOPS, SamplingParams
 
 from .errors import InvalidRequest
@@ -311,8 +312,29 @@ class StreamOptions(_Lenient):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Lenient):
+    name: str = Field(..., min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None  # constrained decoding is always strict (no properties beyond the schema)
+
+
 class ResponseFormat(_Lenient):
-    type: Literal["text"] = "text"
+    """OpenAI's response_format: text, any JSON object, or JSON valid for a schema."""
+
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchemaFormat | None = None
+
+    def to_model(self) -> grammar.ResponseFormat | None:
+        """The engine's format (None for text); GrammarError (400, param response_format) for a bad one."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return grammar.ResponseFormat.json_object()
+        if self.json_schema is None:
+            raise InvalidRequest("response_format.json_schema is required when type is json_schema",
+                                 param="response_format", code="invalid_value")
+        return grammar.ResponseFormat.json_schema(self.json_schema.schema_ or {})
 
 
 class OpenAISampling(_Lenient):
@@ -338,6 +360,7 @@ class OpenAISampling(_Lenient):
     repetition_penalty: float | None = Field(None, ge=MIN_PENALTY, le=10, description="extra (vLLM name)")
     ignore_eos: bool | None = Field(False, description="extra: keep generating past EOS")
     min_tokens: int | None = Field(None, ge=0, description="extra")
+    response_format: ResponseFormat | None = None
 
     @field_validator("logit_bias")
     @classmethod
@@ -363,7 +386,8 @@ class OpenAISampling(_Lenient):
             presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
             seed=self.seed, stop=_stops(self.stop), ignore_eos=bool(self.ignore_eos),
             min_tokens=self.min_tokens or 0, logprobs=logprobs,
-            logit_bias=_logit_bias(self.logit_bias, limits))
+            logit_bias=_logit_bias(self.logit_bias, limits),
+            response_format=self.response_format.to_model() if self.response_format else None)
 
     @property
     def include_usage(self) -> bool:
@@ -375,7 +399,6 @@ class ChatCompletionRequest(OpenAISampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    response_format: ResponseFormat | None = None
     tools: list[Any] | None = Field(None, description="not supported: must be absent or empty")
 
     def sampling_params(self, limits: Limits) -> SamplingParams:

@@ -12,8 +12,12 @@ import reprlib
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from model.grammar import ResponseFormat
 
 MAX_LOGIT_BIAS = 300  # logit_bias entries per request (OpenAI's limit)
 MAX_BIAS = 100.0  # |bias| per entry (OpenAI's range)
@@ -46,6 +50,8 @@ class SamplingParams:
     min_tokens: int = 0  # EOS/stop ids are masked until this many tokens exist
     logprobs: int | None = None  # return log-probabilities of the chosen and top-n tokens
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit each step
+    # output must match this JSON schema (model.grammar): the engine masks every step's logits with it
+    response_format: ResponseFormat | None = None
     # logit_bias as (ids, values) tensors, built once here so each step applies it in one add
     _bias: tuple[torch.Tensor, torch.Tensor] | None = field(init=False, repr=False, compare=False, default=None)
 
@@ -78,6 +84,8 @@ class SamplingParams:
             (all(isinstance(k, int) and k >= 0 for k in bias), "logit_bias", "keys must be token ids >= 0"),
             (all(math.isfinite(v) and abs(v) <= MAX_BIAS for v in bias.values()), "logit_bias",
              f"values must be in [-{MAX_BIAS:g}, {MAX_BIAS:g}]"),
+            # a grammar ends on a stop token; past it there is nothing left to allow
+            (not (self.ignore_eos and self.response_format), "ignore_eos", "cannot be combined with response_format"),
         ]
         for ok, name, why in checks:
             if not ok:

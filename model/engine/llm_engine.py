@@ -23,6 +23,7 @@ from model.engine.detokenizer import IncrementalDetokenizer
 from model.engine.model_runner import ModelRunner
 from model.engine.scheduler import Scheduler
 from model.engine.sequence import FinishReason, RequestOutput, Sequence, SequenceStatus
+from model.grammar import Constraint, GrammarCompiler
 from model.inference import InferenceModel
 from model.kv_cache import KVCache
 from model.sampling import SamplingError, SamplingParams, make_generator
@@ -108,6 +109,7 @@ class LLMEngine:
                                           config.enable_prefix_caching)
         self.scheduler = Scheduler(self.cache_manager, config.max_num_batched_tokens, config.prefill_chunk)
         self._seqs: dict[str, Sequence] = {}
+        self._grammars: GrammarCompiler | None = None
         self._base_stop_ids = frozenset(tokenizer.stop_ids) if tokenizer else frozenset(
             [model.config.eos_token_id] if model.config.eos_token_id is not None else [])
         log.info("KV cache: %d slots x %d tokens, %.1f MiB (%s, %s on %s)", config.max_num_seqs,
@@ -130,9 +132,19 @@ class LLMEngine:
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self._base_stop_ids)
         detok = IncrementalDetokenizer(self.tokenizer.token_bytes, params.stop) if self.tokenizer else None
         seq = Sequence(request_id, prompt_ids, params, stop_ids, make_generator(params, self.runner.device),
-                       detok)
+                       detok, constraint=self._constraint(params, stop_ids))
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
+
+    def _constraint(self, params: SamplingParams, stop_ids: frozenset[int]) -> Constraint | None:
+        """The grammar state for a response_format (compiled once per schema; raises GrammarError)."""
+        if params.response_format is None:
+            return None
+        if self.tokenizer is None:
+            raise RequestRejected("response_format needs the engine to have a tokenizer")
+        if self._grammars is None:  # built on first use: it indexes the whole vocabulary
+            self._grammars = GrammarCompiler(self.tokenizer)
+        return self._grammars.compile(params.response_format).start(stop_ids)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Cancel a request and free its cache slot now; returns its final output, if it existed."""

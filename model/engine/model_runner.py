@@ -8,6 +8,7 @@ import torch
 from model.engine.cuda_graphs import DecodeGraphs
 from model.engine.scheduler import ScheduledChunk
 from model.engine.sequence import Sequence, TokenLogprob
+from model.grammar import mask_logits
 from model.inference import InferenceModel
 from model.kv_cache import KVCache
 from model.sampling import sample_next, top_logprobs
@@ -61,7 +62,11 @@ class ModelRunner:
         return logits
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-        """logits (K, V) fp32, one row per sequence -> next token ids."""
+        """logits (K, V) fp32, one row per sequence -> next token ids. Constrained rows are masked first
+        (any device, after the forward) and their grammar advances with the token drawn."""
+        constrained = [i for i, s in enumerate(seqs) if s.constraint is not None]
+        if constrained:
+            mask_logits(logits, constrained, [seqs[i].constraint for i in constrained])
         plain = [i for i, s in enumerate(seqs) if s.params.is_plain_greedy
                  and len(s.output_ids) >= s.params.min_tokens]
         out = [0] * len(seqs)
@@ -78,6 +83,8 @@ class ModelRunner:
             if seq.params.logprobs is not None:
                 chosen, top = top_logprobs(logits[i], out[i], seq.params.logprobs)
                 seq.logprobs.append(TokenLogprob(out[i], chosen, top))
+        for i in constrained:
+            seqs[i].constraint.advance(out[i])
         return out
 
     @torch.inference_mode()

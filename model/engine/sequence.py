@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from model.engine.detokenizer import IncrementalDetokenizer
+from model.grammar import Constraint
 from model.sampling import SamplingParams
 
 
@@ -54,6 +55,7 @@ class Sequence:
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    constraint: Constraint | None = None  # grammar state when params.response_format is set
 
     @property
     def num_tokens(self) -> int:
