@@ -334,7 +334,10 @@ class ResponseFormat(_Lenient):
         if self.json_schema is None:
             raise InvalidRequest("response_format.json_schema is required when type is json_schema",
                                  param="response_format", code="invalid_value")
-        return grammar.ResponseFormat.json_schema(self.json_schema.schema_ or {})
+        try:
+            return grammar.ResponseFormat.json_schema(self.json_schema.schema_ or {})
+        except grammar.GrammarError as e:
+            raise InvalidRequest(str(e), param="response_format", code="invalid_value") from None
 
 
 class OpenAISampling(_Lenient):
