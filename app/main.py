@@ -27,6 +27,7 @@ from starlette.staticfiles import StaticFiles
 
 from .engine_client import EngineClient
 from .errors import KIND_BY_STATUS, STATUS, ApiError, InternalError, Unavailable, error_envelope
+from .heads import HeadRegistry, HeadService
 from .metrics import Metrics
 from .middleware import RequestContextMiddleware, install_log_filter
 from .routes import openai, tasks, utility
@@ -48,6 +49,7 @@ class Loaded:
     model_name: str
     max_model_len: int
     serving_path: str = "unknown"  # which forward serves (model.inference.Capabilities.path)
+    checkpoint_dir: Path | None = None  # where the weights came from (heads are checked against them)
 
 
 @dataclass
@@ -113,7 +115,8 @@ def load_model(settings: ServerSettings) -> Loaded:
     name = settings.model_name or str(served.meta.get("name") or Path(path).resolve().name)
     log.info("loaded %s from %s on %s (%s), max_model_len %d", name, path, device,
              served.model.capabilities.path, max_model_len)
-    return Loaded(engine, served.tokenizer, served.meta, name, max_model_len, served.model.capabilities.path)
+    return Loaded(engine, served.tokenizer, served.meta, name, max_model_len, served.model.capabilities.path,
+                  checkpoint_dir=Path(path))
 
 
 async def _start(app: FastAPI, state: AppState, loader: Callable[[ServerSettings], Loaded]) -> None:
@@ -124,8 +127,9 @@ async def _start(app: FastAPI, state: AppState, loader: Callable[[ServerSettings
         client = EngineClient(loaded.engine, admission_limit=settings.admission_limit).start()
         state.client = client
         effective = settings.model_copy(update={"max_model_len": loaded.max_model_len})
+        heads = await asyncio.to_thread(_heads, settings, loaded, client)
         state.service = Service(effective, loaded.tokenizer, client, loaded.model_name, loaded.meta,
-                                state.metrics, loaded.serving_path)
+                                state.metrics, loaded.serving_path, heads=heads)
         if settings.warmup:
             await _warmup(state.service)
         state.warm = True
@@ -133,6 +137,21 @@ async def _start(app: FastAPI, state: AppState, loader: Callable[[ServerSettings
     except Exception as exc:  # noqa: BLE001 - reported by /health and /ready
         log.exception("startup failed")
         state.load_error = f"{type(exc).__name__}: {exc}"
+
+
+def _heads(settings: ServerSettings, loaded: Loaded, client: EngineClient) -> HeadService | None:
+    """Classification heads from SEEDLING_ADAPTERS_DIR, checked against the served weights (worker thread:
+    hashing the weights takes a second)."""
+    if not settings.adapters_dir or loaded.checkpoint_dir is None:
+        return None
+    from model.features import bf16_fast
+    from model.head import base_identity
+
+    registry = HeadRegistry(settings.adapters_dir, base_identity(loaded.checkpoint_dir))
+    registry.refresh()
+    log.info("adapters dir %s: heads %s%s", settings.adapters_dir, sorted(registry.heads) or "none",
+             f", refused {sorted(registry.errors)}" if registry.errors else "")
+    return HeadService(registry, client, loaded.tokenizer.pad_id, bf16=bf16_fast())
 
 
 async def _warmup(svc: Service) -> None:

@@ -191,6 +191,9 @@ class ClassifyRequest(_Strict):
                                           "label sets (default: 'classify', or its only set)")
     multi_label: bool = Field(False, description="score each label independently (see docs)")
     threshold: float = Field(0.5, ge=0, le=1, description="multi_label: labels scoring at least this")
+    model: NonEmptyStr | None = Field(None, description="an adapter with a classification head (its labels), "
+                                      "or the base model (zero-shot); absent = a head whose label set equals "
+                                      "labels, else zero-shot")
 
 
 def as_list(value: str | list[str]) -> tuple[list[str], bool]:

@@ -21,11 +21,13 @@ from typing import Any, TypeVar
 from fastapi import Request
 
 from model import tasks
+from model.head import LoadedHead
 from model.sampling import SamplingParams
 from model.tokenizer import Tokenizer, render_chat
 
 from .engine_client import EngineClient
-from .errors import ApiError, DeadlineExceeded, InvalidRequest, prompt_too_long, to_api_error
+from .errors import ApiError, DeadlineExceeded, InvalidRequest, NotFound, prompt_too_long, to_api_error
+from .heads import HeadService
 from .metrics import Metrics, RequestTimer
 from .prompt_guard import PromptGuard
 from .protocol import Limits
@@ -57,13 +59,15 @@ class Scored:
     labels: list[str]
     scores: list[tuple[str, float]]  # best first
     prompt_tokens: int
+    model: str | None = None  # the adapter whose head answered; None = the base model
 
 
 class Service:
     def __init__(self, settings: ServerSettings, tokenizer: Tokenizer, client: EngineClient,
-                 model_name: str, meta: dict[str, Any], metrics: Metrics | None, serving_path: str = "unknown"
-                 ) -> None:
+                 model_name: str, meta: dict[str, Any], metrics: Metrics | None, serving_path: str = "unknown",
+                 heads: HeadService | None = None) -> None:
         self.settings = settings
+        self.heads = heads  # classification heads from SEEDLING_ADAPTERS_DIR (None: not configured)
         self.tokenizer = tokenizer
         self.client = client
         self.model_name = model_name
@@ -188,10 +192,15 @@ class Service:
 
     async def classify(self, request: Request, texts: list[str], labels: list[str] | None,
                        multi_label: bool, threshold: float, label_set: str | None = None,
-                       endpoint: str = "classify") -> list[Scored]:
+                       endpoint: str = "classify", model: str | None = None) -> list[Scored]:
         """Rank labels by the model's log-likelihood of answering each one (one batched forward
         per text): softmax over labels (sums to 1), or per-label independent scores for multi_label:
-        exp(mean token log p) of the label's answer (its geometric-mean token probability, in (0, 1])."""
+        exp(mean token log p) of the label's answer (its geometric-mean token probability, in (0, 1]).
+        A classification head whose label set equals `labels` (or the head `model` names) answers
+        instead: one shallow forward per text (`classify_with_head`)."""
+        head = self.head_for(labels, model)
+        if head is not None:
+            return await self.classify_with_head(request, texts, head, multi_label, threshold, endpoint)
         labels = labels or self.default_labels(label_set)
         tok = self.tokenizer
         jobs = []
@@ -234,6 +243,66 @@ class Service:
             ranked = sorted(zip(labels, probs, strict=True), key=lambda lp: -lp[1])
             chosen = ([lab for lab, p in ranked if p >= threshold] if multi_label else [ranked[0][0]])
             results.append(Scored(ranked[0][0], chosen, ranked, len(prompt)))
+            self._count(endpoint, "scored")
+        return results
+
+    # ------------------------------------------------------------------ classify with a head
+    def head_for(self, labels: list[str] | None, model: str | None) -> tuple[str, LoadedHead] | None:
+        """The head that answers, None for zero-shot scoring (no heads, `model` = the base model, or no
+        head has this label set); `model` naming nothing served is a 404, a head with other labels a 400."""
+        found = self.heads.match(labels, model) if self.heads is not None else None
+        if found is not None or model is None or model == self.model_name:
+            return found
+        heads = self.heads.registry.heads if self.heads is not None else {}
+        if model in heads:
+            raise InvalidRequest(f"adapter {model!r} classifies into its own {len(heads[model].info.labels)} labels; "
+                                 "omit labels or pass exactly that set", param="labels", code="invalid_value")
+        refused = self.heads.registry.errors.get(model) if self.heads is not None else None
+        served = [self.model_name, *sorted(heads)]
+        raise NotFound(f"model {model!r} is not served ({refused})" if refused else
+                       f"model {model!r} does not exist; this server serves {served} (see GET /v1/models)",
+                       param="model", code="model_not_found")
+
+    def _head_ids(self, texts: list[str], loaded: LoadedHead) -> list[list[int]]:
+        """Worker thread: each text in the head's template, refused (never cut) when too long."""
+        from model.features import encode_texts
+
+        if any(not t.strip() for t in texts):
+            raise InvalidRequest("text must be a non-empty string", param="text")
+        ids = encode_texts(self.tokenizer, texts, loaded.info.template, max_tokens=self.max_model_len + 1)
+        longest = max(len(x) for x in ids)
+        if longest > self.max_model_len:
+            err = prompt_too_long(longest, self.max_model_len)
+            err.param = "text"
+            raise err
+        return ids
+
+    async def classify_with_head(self, request: Request, texts: list[str], head: tuple[str, LoadedHead],
+                                 multi_label: bool, threshold: float, endpoint: str) -> list[Scored]:
+        """The head's softmax over its labels; texts of concurrent requests share engine forwards.
+        multi_label keeps every label whose probability reaches `threshold`."""
+        assert self.heads is not None
+        name, loaded = head  # the route has refused over-long texts by their characters
+        ids = await self.prompts.run(self._head_ids, texts, loaded)
+        t0 = time.perf_counter()
+        with self.client.reserve(len(texts)):
+            try:
+                all_probs = await until_disconnect(request, asyncio.wait_for(
+                    self.heads.probabilities(name, loaded, ids), self.settings.request_timeout_s))
+            except TimeoutError:
+                self._count(endpoint, "timeout")
+                raise DeadlineExceeded("classification deadline exceeded", code="timeout") from None
+            except BaseException as exc:
+                self._count(endpoint, _outcome_of(exc))
+                raise
+        if self.metrics is not None:
+            self.metrics.e2e.observe(time.perf_counter() - t0)
+            self.metrics.prompt_tokens.inc(sum(len(x) for x in ids))
+        results = []
+        for x, probs in zip(ids, all_probs, strict=True):
+            ranked = sorted(zip(loaded.info.labels, probs, strict=True), key=lambda lp: -lp[1])
+            chosen = [lab for lab, p in ranked if p >= threshold] if multi_label else [ranked[0][0]]
+            results.append(Scored(ranked[0][0], chosen, ranked, len(x), model=name))
             self._count(endpoint, "scored")
         return results
 

@@ -134,18 +134,16 @@ def bf16_autocast(model: Transformer, enabled: bool) -> Any:
 
 
 @torch.no_grad()
-def extract_features(model: Transformer, tokenizer: Tokenizer, texts: Sequence[str], spec: FeatureSpec,
-                     bf16: bool = False, max_batch: int = 64,
-                     progress: Callable[[int], None] | None = None) -> torch.Tensor:
-    """(N, spec.dim(model)) float32 features of `texts`, in input order. `progress(n)` is called
-    after each batch with the number of texts it held."""
+def features_from_ids(model: Transformer, ids: Sequence[Sequence[int]], spec: FeatureSpec, pad_id: int,
+                      bf16: bool = False, max_batch: int = 64,
+                      progress: Callable[[int], None] | None = None) -> torch.Tensor:
+    """(N, spec.dim(model)) float32 features of already-encoded texts (`encode_texts`), in input order.
+    `progress(n)` is called after each batch with the number of texts it held."""
     spec.check(model)
-    ids = encode_texts(tokenizer, texts, spec.template)
     out = torch.empty(len(ids), spec.dim(model), dtype=torch.float32)
-    pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
     for batch in length_batches([len(x) for x in ids], max_batch=max_batch):
         T = max(len(ids[i]) for i in batch)
-        tokens = torch.full((len(batch), T), pad, dtype=torch.long)
+        tokens = torch.full((len(batch), T), pad_id, dtype=torch.long)  # (B, T) right-padded
         for row, i in enumerate(batch):
             tokens[row, :len(ids[i])] = torch.tensor(ids[i])
         lengths = torch.tensor([len(ids[i]) for i in batch])
@@ -155,3 +153,12 @@ def extract_features(model: Transformer, tokenizer: Tokenizer, texts: Sequence[s
         if progress is not None:
             progress(len(batch))
     return out
+
+
+def extract_features(model: Transformer, tokenizer: Tokenizer, texts: Sequence[str], spec: FeatureSpec,
+                     bf16: bool = False, max_batch: int = 64,
+                     progress: Callable[[int], None] | None = None) -> torch.Tensor:
+    """(N, spec.dim(model)) float32 features of `texts` (in `spec.template`), in input order."""
+    ids = encode_texts(tokenizer, texts, spec.template)
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+    return features_from_ids(model, ids, spec, pad, bf16=bf16, max_batch=max_batch, progress=progress)

@@ -157,11 +157,12 @@ def load_head(directory: str | Path) -> LoadedHead:
 
 
 @torch.no_grad()
-def classify_texts(model: Any, tokenizer: Any, loaded: LoadedHead, texts: list[str],
-                   bf16: bool = False) -> list[list[float]]:
-    """Label probabilities (in loaded.info.labels order) for each text: the head's features of `model`
-    (the first `layer` blocks only), then softmax. What the server runs on its engine thread."""
-    from model.features import extract_features
+def classify_ids(model: Any, loaded: LoadedHead, ids: list[list[int]], pad_id: int,
+                 bf16: bool = False) -> list[list[float]]:
+    """Label probabilities (in loaded.info.labels order) for texts already encoded in the head's
+    template (`model.features.encode_texts`): the head over features of `model`'s first `layer`
+    blocks, then softmax. What the server runs on its engine thread."""
+    from model.features import features_from_ids
 
-    feats = extract_features(model, tokenizer, texts, loaded.info.spec, bf16=bf16)
+    feats = features_from_ids(model, ids, loaded.info.spec, pad_id, bf16=bf16)
     return loaded.head(feats).softmax(-1).tolist()

@@ -50,14 +50,16 @@ class HeadConfig:
     pooling: str = field("mean", help="mean, last or mean+last over the text's tokens")
     template: str = field("{text}", help="prompt wrapper around the text; must contain {text}")
     hidden: int = field(0, help="MLP hidden width (0 = logistic regression)")
-    l2: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2], help="L2 strengths tried on the "
-                            "held-out split (the best is refitted on all training data)")
+    l2: list[float] = field(default_factory=lambda: [3e-4, 1e-3], help="L2 strengths (logistic regression) or "
+                            "AdamW weight decays (MLP) tried on the held-out split; the best is refitted on all "
+                            "training data")
     val_per_label: int = field(10, help="training examples per label held out to choose --l2")
     max_train: int = field(0, help="train on a seeded-random sample of this many examples besides the held-out "
                            "ones (0 = all)")
     max_test: int = field(0, help="score a seeded-random sample of this many test examples (0 = all)")
-    epochs: int = field(60, help="MLP epochs (logistic regression runs L-BFGS to convergence)")
-    lr: float = field(1e-3, help="MLP learning rate (AdamW)")
+    epochs: int = field(40, help="MLP epochs (logistic regression runs L-BFGS to convergence)")
+    lr: float = field(3e-3, help="MLP peak learning rate (AdamW, cosine decay)")
+    mlp_batch: int = field(256, help="MLP examples per optimizer step")
     batch_size: int = field(32, help="texts per feature-extraction forward")
     bf16: bool = field(True, help="run the frozen base in bf16 (AVX512_BF16 CPUs: ~2.5x faster, features "
                        "within 1e-3 cosine of fp32)")
@@ -69,6 +71,8 @@ class HeadConfig:
     progress: bool = field(True, help="show a tqdm progress bar")
 
     def __post_init__(self) -> None:
+        if self.epochs <= 0 or self.mlp_batch <= 0 or self.batch_size <= 0:
+            raise ValueError("epochs, mlp_batch and batch_size must be positive")
         if min(self.val_per_label, self.max_train, self.max_test, self.hidden) < 0:
             raise ValueError("val_per_label, max_train, max_test and hidden must be >= 0")
         if not self.l2 or any(v < 0 for v in self.l2):
@@ -78,6 +82,8 @@ class HeadConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     # a smoke run of a minute or two: 770 training examples, 400 test examples
     "quick": dict(max_train=770, val_per_label=0, max_test=400, l2=[1e-3]),
+    # +1.4 points held-out on Banking77 over logistic regression, ~5x the fitting time
+    "mlp": dict(hidden=1024, l2=[0.1], epochs=40, lr=3e-3, mlp_batch=256),
 }
 
 
@@ -108,16 +114,16 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, n_labels: int, l2: float, see
     return head.eval()
 
 
-def fit_mlp(x: torch.Tensor, y: torch.Tensor, n_labels: int, l2: float, seed: int, hidden: int,
-            epochs: int, lr: float, batch_size: int = 64) -> torch.nn.Module:
-    """One-hidden-layer MLP, AdamW (weight decay = l2 * n to match the logistic objective's scale
-    loosely), dropout 0.1, cosine LR; minibatch order from a seeded generator."""
+def fit_mlp(x: torch.Tensor, y: torch.Tensor, n_labels: int, weight_decay: float, seed: int, hidden: int,
+            epochs: int, lr: float, batch_size: int = 256) -> torch.nn.Module:
+    """One-hidden-layer MLP on standardised features: AdamW, dropout 0.1, cosine LR; minibatch order
+    from a seeded generator, so a run on one thread is repeatable."""
     from model.head import ClassifierHead
 
     torch.manual_seed(seed)
     head = ClassifierHead(x.shape[1], n_labels, hidden=hidden, dropout=0.1)
     head.set_standardisation(x)
-    opt = torch.optim.AdamW(head.net.parameters(), lr=lr, weight_decay=l2 * 100)
+    opt = torch.optim.AdamW(head.net.parameters(), lr=lr, weight_decay=weight_decay)
     steps = epochs * ((len(x) + batch_size - 1) // batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     gen = torch.Generator().manual_seed(seed)
@@ -134,7 +140,7 @@ def fit_mlp(x: torch.Tensor, y: torch.Tensor, n_labels: int, l2: float, seed: in
 
 def fit_head(x: torch.Tensor, y: torch.Tensor, n_labels: int, l2: float, cfg: HeadConfig) -> torch.nn.Module:
     if cfg.hidden:
-        return fit_mlp(x, y, n_labels, l2, cfg.seed, cfg.hidden, cfg.epochs, cfg.lr)
+        return fit_mlp(x, y, n_labels, l2, cfg.seed, cfg.hidden, cfg.epochs, cfg.lr, cfg.mlp_batch)
     return fit_logistic(x, y, n_labels, l2, cfg.seed)
 
 

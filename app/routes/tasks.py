@@ -127,7 +127,10 @@ async def translate(body: TranslateRequest, request: Request, svc: Service = Dep
 async def classify(body: ClassifyRequest, request: Request, svc: Service = Depends(get_service)) -> Any:
     """Zero-shot (given `labels`) or fine-tuned (checkpoint label set) classification.
 
-    Labels are ranked by the log-likelihood of the model answering each label to the
+    With a classification head in SEEDLING_ADAPTERS_DIR whose label set equals `labels` (any order),
+    or the head's adapter named by `model`, the head answers (softmax over its labels; one shallow
+    forward per text) and `model` in the response names it; `model` = the base model forces zero-shot.
+    Otherwise labels are ranked by the log-likelihood of the model answering each label to the
     `model.tasks` classify prompt. Single-label: softmax over labels, scores sum to 1.
     `multi_label`: each label scored on its own as exp(mean token log-probability) of its
     answer — in (0, 1], not normalized across labels; `labels` lists those >= `threshold`."""
@@ -136,15 +139,16 @@ async def classify(body: ClassifyRequest, request: Request, svc: Service = Depen
         svc.prompts.check([text, *(body.labels or [])], "text")
     check_batch(texts, svc.limits, "text")
     scored = await svc.classify(request, texts, body.labels, body.multi_label, body.threshold,
-                                body.label_set)
+                                body.label_set, model=body.model)
+    served = scored[0].model or svc.model_name
     items = [ClassifyItem(label=s.label, labels=s.labels,
                           scores=[LabelScore(label=lab, score=p) for lab, p in s.scores],
                           usage=Usage.of(s.prompt_tokens, 0)) for s in scored]
     rid = request_id(request)
     if is_batch:
-        return ClassifyBatchResponse(id=rid, model=svc.model_name, multi_label=body.multi_label,
+        return ClassifyBatchResponse(id=rid, model=served, multi_label=body.multi_label,
                                      results=items, usage=_total(items))
-    return ClassifyResponse(id=rid, model=svc.model_name, multi_label=body.multi_label, **items[0].model_dump())
+    return ClassifyResponse(id=rid, model=served, multi_label=body.multi_label, **items[0].model_dump())
 
 
 def _reason(out: Any) -> str | None:
