@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from model.features import feature_model
 from model.head import HEAD_META, HeadError, LoadedHead, classify_ids, load_head
 
 from .engine_client import EngineClient
@@ -172,12 +173,13 @@ class HeadBatcher:
 
 class HeadService:
     """What /classify needs for heads: the registry, one batcher per loaded head, and the engine-thread
-    call (`model.head.classify_ids` on the engine's model, bf16 where the CPU runs it natively, as
-    `training.head` extracts by default)."""
+    call (`model.head.classify_ids`). A head trained on bf16 features (`training.head`'s default) reads
+    a bf16 copy of the engine model's first blocks on a CPU with native bf16; a q4 model runs as it is."""
 
     def __init__(self, registry: HeadRegistry, client: EngineClient, pad_id: int, bf16: bool) -> None:
         self.registry, self.client, self.pad_id, self.bf16 = registry, client, pad_id, bf16
         self._batchers: dict[str, tuple[LoadedHead, HeadBatcher]] = {}
+        self._copies: dict[tuple[int, bool], Any] = {}  # (depth, bf16) -> feature_model (engine thread only)
 
     def match(self, labels: list[str] | None, model: str | None) -> tuple[str, LoadedHead] | None:
         return self.registry.match(labels, model)
@@ -190,10 +192,16 @@ class HeadService:
             self._batchers[name] = current
         return await current[1].classify(ids)
 
-    def _runner(self, loaded: LoadedHead) -> Callable[[list[list[int]]], list[list[float]]]:
-        engine, pad_id, bf16 = self.client.engine, self.pad_id, self.bf16
+    def _feature_model(self, loaded: LoadedHead) -> Any:
+        """Engine thread: the model the head's features come from (bf16 when the head was trained on
+        bf16 features and this CPU runs bf16 natively), made once per (depth, bf16)."""
+        key = (loaded.info.layer, self.bf16 and bool(loaded.info.metrics.get("bf16")))
+        if key not in self._copies:
+            self._copies[key] = feature_model(self.client.engine.model, *key)
+        return self._copies[key]
 
+    def _runner(self, loaded: LoadedHead) -> Callable[[list[list[int]]], list[list[float]]]:
         def run(ids: list[list[int]]) -> list[list[float]]:  # on the engine thread
-            return classify_ids(engine.model, loaded, ids, pad_id, bf16=bf16)
+            return classify_ids(self._feature_model(loaded), loaded, ids, self.pad_id)
 
         return run

@@ -118,6 +118,36 @@ def pool(states: torch.Tensor, lengths: torch.Tensor, pooling: str) -> torch.Ten
     return torch.cat([mean, last], dim=-1)
 
 
+def shallow_copy(model: Transformer, depth: int, dtype: torch.dtype) -> Transformer:
+    """A stand-alone copy of `model`'s embeddings and first `depth` blocks in `dtype`, for extracting
+    features next to a serving model: autocast would re-cast the fp32 weights on every call (half the
+    time at 16 short texts), while a bf16 copy of 5 of SmolLM2's 30 blocks costs ~90 MB once. Works on
+    fused blocks too. Its output head is tied to the embeddings: use it for features, not logits."""
+    import copy
+    import dataclasses
+
+    if depth > model.config.n_layers:
+        raise FeatureError(f"layer {depth} is past the model's {model.config.n_layers} blocks")
+    config = dataclasses.replace(model.config, n_layers=depth, tie_embeddings=True)
+    with torch.device("meta"):
+        shallow = Transformer(config)
+    shallow.embed_tokens = copy.deepcopy(model.embed_tokens)
+    shallow.layers = torch.nn.ModuleList(copy.deepcopy(layer) for layer in model.layers[:depth])
+    shallow.norm = copy.deepcopy(model.norm)
+    shallow.lm_head.weight = shallow.embed_tokens.weight
+    shallow.fused = model.fused
+    return shallow.to(dtype).eval().requires_grad_(False)
+
+
+def feature_model(model: Transformer, depth: int, bf16: bool) -> Transformer:
+    """What a server extracts features with: a bf16 `shallow_copy` of a float32 model when `bf16`
+    (native bf16 CPUs; `training.head` extracts in bf16 by default), else the model itself (a q4
+    model's packed blocks run as they are)."""
+    if not bf16 or model.native is not None or model.dtype != torch.float32:
+        return model
+    return shallow_copy(model, depth, torch.bfloat16)
+
+
 def bf16_fast() -> bool:
     """Whether bf16 matmuls run natively here (CUDA, or a CPU with AVX512_BF16 / AMX), where bf16
     extraction is ~2.5x faster than fp32; elsewhere bf16 would be emulated and slower."""

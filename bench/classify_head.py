@@ -1,0 +1,112 @@
+"""/classify through a classification head vs zero-shot label scoring, over HTTP, same server, same run.
+
+    python -m training.head --name banking77 --adapters_dir adapters        # once: writes the head
+    python -m bench.classify_head --adapters-dir adapters --head banking77 --concurrency 16
+
+Starts `python -m app` with SEEDLING_ADAPTERS_DIR, then C clients each send one-text /classify
+requests back to back with the head's labels: first naming the head (`model: <head>`), then naming
+the base model (`model: <base>`: zero-shot scoring of every label, the baseline). Each phase is
+bounded by `--texts` and `--max-wall-s`. Texts come from `--data` (Banking77 test split by default).
+Prints texts/s per phase, the ratio, and accuracy on the texts sent (n).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from bench.compare import free_port, stop, wait_ready
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "banking77" / "test.jsonl"
+
+
+async def phase(url: str, model: str, labels: list[str], records: list[dict], concurrency: int,
+                max_wall_s: float) -> dict:
+    """C clients, one text per request; returns texts/s, accuracy, errors, latency p50."""
+    queue: asyncio.Queue[dict] = asyncio.Queue()
+    for r in records:
+        queue.put_nowait(r)
+    correct, done, errors, latencies = 0, 0, 0, []
+    t0 = time.perf_counter()
+
+    async def client(http: httpx.AsyncClient) -> None:
+        nonlocal correct, done, errors
+        while not queue.empty() and time.perf_counter() - t0 < max_wall_s:
+            rec = queue.get_nowait()
+            t = time.perf_counter()
+            resp = await http.post(url + "/classify", json={"text": rec["text"], "labels": labels, "model": model})
+            latencies.append(time.perf_counter() - t)
+            if resp.status_code != 200:
+                errors += 1
+                continue
+            done += 1
+            correct += resp.json()["label"] == rec["label"]
+
+    async with httpx.AsyncClient(timeout=600) as http:
+        await asyncio.gather(*(client(http) for _ in range(concurrency)))
+    wall = time.perf_counter() - t0
+    latencies.sort()
+    return {"texts": done, "errors": errors, "wall_s": round(wall, 2), "texts_per_s": done / wall if wall else 0.0,
+            "accuracy": correct / done if done else float("nan"),
+            "p50_ms": 1000 * latencies[len(latencies) // 2] if latencies else float("nan")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--adapters-dir", required=True, help="directory holding <head>/head.json")
+    ap.add_argument("--head", default="banking77", help="adapter name of the head")
+    ap.add_argument("--checkpoint", default=None, help="base checkpoint (default: SmolLM2 default)")
+    ap.add_argument("--data", default=str(DATA), help="JSONL of {text, label}")
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--texts", type=int, default=800, help="head phase: texts sent (at most)")
+    ap.add_argument("--zero-shot-texts", type=int, default=16, help="baseline phase: texts sent (at most)")
+    ap.add_argument("--max-wall-s", type=float, default=180, help="per phase")
+    ap.add_argument("--json-out", default=None)
+    ap.add_argument("--server-log", default="/tmp/seedling-bench-classify-head.log", help="the server's output")
+    a = ap.parse_args()
+    info = json.loads((Path(a.adapters_dir) / a.head / "head.json").read_text())
+    records = [json.loads(line) for line in Path(a.data).read_text().splitlines() if line.strip()]
+    port = free_port()
+    # zero-shot scoring of many labels under a loaded CPU can run one engine call past the default
+    # stall limit (120 s), which would end the server mid-baseline
+    env = {**os.environ, "SEEDLING_PORT": str(port), "SEEDLING_ADAPTERS_DIR": a.adapters_dir,
+           "SEEDLING_MAX_QUEUED_REQUESTS": "256", "SEEDLING_ENGINE_STALL_TIMEOUT_S": "3600"}
+    if a.checkpoint:
+        env["SEEDLING_CHECKPOINT"] = a.checkpoint
+    proc = subprocess_app(env, a.server_log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc, "/ready")
+        base = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+        results = {}
+        for name, model, n in (("head", a.head, a.texts), ("zero-shot", base, a.zero_shot_texts)):
+            results[name] = asyncio.run(phase(url, model, info["labels"], records[:n], a.concurrency, a.max_wall_s))
+    finally:
+        stop(proc)
+    print(f"/classify, {len(info['labels'])} labels, concurrency {a.concurrency}, one text per request "
+          f"({os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}):")
+    for name, r in results.items():
+        print(f"  {name:9s} {r['texts_per_s']:8.2f} texts/s  p50 {r['p50_ms']:8.0f} ms  accuracy "
+              f"{r['accuracy']:.3f} (n={r['texts']})  errors {r['errors']}  wall {r['wall_s']} s")
+    ratio = results["head"]["texts_per_s"] / max(results["zero-shot"]["texts_per_s"], 1e-9)
+    print(f"  head / zero-shot: {ratio:.0f}x")
+    if a.json_out:
+        Path(a.json_out).write_text(json.dumps({"results": results, "ratio": ratio}, indent=2) + "\n")
+
+
+def subprocess_app(env: dict[str, str], log_path: str):  # noqa: ANN201 - subprocess.Popen
+    import subprocess
+
+    with open(log_path, "wb") as log:  # the child keeps its own descriptor
+        return subprocess.Popen([sys.executable, "-m", "app"], env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+if __name__ == "__main__":
+    main()
