@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from model.features import feature_model
+from model.features import load_feature_model
 from model.head import HEAD_META, HeadError, LoadedHead, classify_ids, load_head
 
 from .engine_client import EngineClient
@@ -173,11 +173,14 @@ class HeadBatcher:
 
 class HeadService:
     """What /classify needs for heads: the registry, one batcher per loaded head, and the engine-thread
-    call (`model.head.classify_ids`). A head trained on bf16 features (`training.head`'s default) reads
-    a bf16 copy of the engine model's first blocks on a CPU with native bf16; a q4 model runs as it is."""
+    call (`model.head.classify_ids`) on a feature model: the served checkpoint's first blocks, loaded
+    once per (depth, bf16) on the engine thread (a few seconds, the first time), whatever variant
+    serves generation; bf16 when the head was trained on bf16 features and the CPU runs bf16 natively."""
 
-    def __init__(self, registry: HeadRegistry, client: EngineClient, pad_id: int, bf16: bool) -> None:
+    def __init__(self, registry: HeadRegistry, client: EngineClient, checkpoint_dir: Path, pad_id: int,
+                 bf16: bool) -> None:
         self.registry, self.client, self.pad_id, self.bf16 = registry, client, pad_id, bf16
+        self.checkpoint_dir = checkpoint_dir
         self._batchers: dict[str, tuple[LoadedHead, HeadBatcher]] = {}
         self._copies: dict[tuple[int, bool], Any] = {}  # (depth, bf16) -> feature_model (engine thread only)
 
@@ -197,7 +200,7 @@ class HeadService:
         bf16 features and this CPU runs bf16 natively), made once per (depth, bf16)."""
         key = (loaded.info.layer, self.bf16 and bool(loaded.info.metrics.get("bf16")))
         if key not in self._copies:
-            self._copies[key] = feature_model(self.client.engine.model, *key)
+            self._copies[key] = load_feature_model(self.checkpoint_dir, *key)
         return self._copies[key]
 
     def _runner(self, loaded: LoadedHead) -> Callable[[list[list[int]]], list[list[float]]]:

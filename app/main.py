@@ -151,7 +151,7 @@ def _heads(settings: ServerSettings, loaded: Loaded, client: EngineClient) -> He
     registry.refresh()
     log.info("adapters dir %s: heads %s%s", settings.adapters_dir, sorted(registry.heads) or "none",
              f", refused {sorted(registry.errors)}" if registry.errors else "")
-    return HeadService(registry, client, loaded.tokenizer.pad_id, bf16=bf16_fast())
+    return HeadService(registry, client, loaded.checkpoint_dir, loaded.tokenizer.pad_id, bf16=bf16_fast())
 
 
 async def _warmup(svc: Service) -> None:

@@ -19,6 +19,7 @@ import contextlib
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -121,8 +122,7 @@ def pool(states: torch.Tensor, lengths: torch.Tensor, pooling: str) -> torch.Ten
 def shallow_copy(model: Transformer, depth: int, dtype: torch.dtype) -> Transformer:
     """A stand-alone copy of `model`'s embeddings and first `depth` blocks in `dtype`, for extracting
     features next to a serving model: autocast would re-cast the fp32 weights on every call (half the
-    time at 16 short texts), while a bf16 copy of 5 of SmolLM2's 30 blocks costs ~90 MB once. Works on
-    fused blocks too. Its output head is tied to the embeddings: use it for features, not logits."""
+    time at 16 short texts), while a bf16 copy of 5 of SmolLM2's 30 blocks costs ~90 MB once. Its output head is tied to the embeddings: use it for features, not logits."""
     import copy
     import dataclasses
 
@@ -135,17 +135,17 @@ def shallow_copy(model: Transformer, depth: int, dtype: torch.dtype) -> Transfor
     shallow.layers = torch.nn.ModuleList(copy.deepcopy(layer) for layer in model.layers[:depth])
     shallow.norm = copy.deepcopy(model.norm)
     shallow.lm_head.weight = shallow.embed_tokens.weight
-    shallow.fused = model.fused
     return shallow.to(dtype).eval().requires_grad_(False)
 
 
-def feature_model(model: Transformer, depth: int, bf16: bool) -> Transformer:
-    """What a server extracts features with: a bf16 `shallow_copy` of a float32 model when `bf16`
-    (native bf16 CPUs; `training.head` extracts in bf16 by default), else the model itself (a q4
-    model's packed blocks run as they are)."""
-    if not bf16 or model.native is not None or model.dtype != torch.float32:
-        return model
-    return shallow_copy(model, depth, torch.bfloat16)
+def load_feature_model(checkpoint_dir: str | Path, depth: int, bf16: bool) -> Transformer:
+    """What a server extracts a head's features with, whatever variant serves generation (eager, int8,
+    q4): the checkpoint's embeddings and first `depth` blocks, in bf16 when the head was trained on
+    bf16 features (`training.head`'s default) and this machine runs bf16 natively, else float32."""
+    from model.checkpoint import load_checkpoint
+
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    return shallow_copy(load_checkpoint(checkpoint_dir, dtype=dtype).model, depth, dtype)
 
 
 def bf16_fast() -> bool:

@@ -19,8 +19,8 @@ from model.features import (
     block_states,
     encode_texts,
     extract_features,
-    feature_model,
     length_batches,
+    load_feature_model,
     shallow_copy,
 )
 from model.head import ClassifierHead, HeadError, HeadInfo, load_head, save_head
@@ -58,17 +58,16 @@ def test_batched_features_equal_one_text_at_a_time(tiny_checkpoint: Path, poolin
 
 
 def test_shallow_copy_gives_the_same_features(tiny_checkpoint: Path) -> None:
-    """The server's feature model (first blocks of the fused serving model, copied) reads what the
-    training job's model reads; its bf16 version is close."""
+    """The server's feature model (the checkpoint's first blocks, copied) reads what the training job's
+    model reads; its bf16 version is close."""
     ckpt = load_checkpoint(tiny_checkpoint)
     spec = FeatureSpec(layer=1)
     ref = extract_features(ckpt.model, ckpt.tokenizer, TEXTS, spec)
-    fused = load_checkpoint(tiny_checkpoint).model.fuse_for_inference()
-    shallow = shallow_copy(fused, 1, torch.float32)
+    shallow = shallow_copy(load_checkpoint(tiny_checkpoint).model, 1, torch.float32)
     assert len(shallow.layers) == 1 and shallow.config.n_layers == 1
     torch.testing.assert_close(extract_features(shallow, ckpt.tokenizer, TEXTS, spec), ref, rtol=1e-5, atol=1e-5)
-    bf = feature_model(fused, 1, bf16=True)
-    assert bf.dtype == torch.bfloat16 and feature_model(fused, 1, bf16=False) is fused
+    bf = load_feature_model(tiny_checkpoint, 1, bf16=True)
+    assert bf.dtype == torch.bfloat16 and len(bf.layers) == 1
     cos = torch.nn.functional.cosine_similarity(extract_features(bf, ckpt.tokenizer, TEXTS, spec), ref)
     assert cos.min() > 0.99
 
