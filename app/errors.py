@@ -114,7 +114,7 @@ def to_api_error(exc: BaseException) -> ApiError:
     if isinstance(exc, SamplingError):
         return InvalidRequest(str(exc), param=exc.param, code="invalid_value")
     if isinstance(exc, TaskError):
-        return InvalidRequest(str(exc), code="invalid_value")
+        return InvalidRequest(str(exc), param=exc.param, code="invalid_value")
     try:
         from model.engine import PromptTooLong, RequestRejected
     except ImportError:  # engine not importable: nothing more to translate
@@ -126,9 +126,10 @@ def to_api_error(exc: BaseException) -> ApiError:
     return InternalError("internal error", code="internal_error")
 
 
-def prompt_too_long(prompt_tokens: int, max_model_len: int, max_tokens: int | None = None) -> ApiError:
+def prompt_too_long(prompt_tokens: int, max_model_len: int, max_tokens: int | None = None,
+                    param: str = "messages") -> ApiError:
     extra = f" plus max_tokens {max_tokens}" if max_tokens is not None else ""
     return PromptTooLongError(
         f"prompt is {prompt_tokens} tokens{extra}, but this model's maximum context length is "
         f"{max_model_len} tokens; shorten the prompt (it is never truncated silently)",
-        param="messages", code="context_length_exceeded")
+        param=param, code="context_length_exceeded")

@@ -194,6 +194,12 @@ class ClassifyRequest(_Strict):
     model: NonEmptyStr | None = Field(None, description="an adapter with a classification head (its labels), "
                                       "or the base model (zero-shot); absent = a head whose label set equals "
                                       "labels, else zero-shot")
+    descriptions: Annotated[dict[NonEmptyStr, Annotated[str, Field(min_length=1, max_length=500)]],
+                            Field(max_length=256)] | None = Field(
+        None, description="label -> what it means, shown next to the label in the prompt")
+    examples: Annotated[dict[NonEmptyStr, Annotated[list[Annotated[str, Field(min_length=1, max_length=2000)]],
+                                                    Field(min_length=1)]], Field(max_length=256)] | None = Field(
+        None, description="label -> example texts (few-shot); at most 64 in all")
 
 
 def as_list(value: str | list[str]) -> tuple[list[str], bool]:

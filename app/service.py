@@ -1,8 +1,8 @@
 """Service: what every route needs between validated requests and the engine client.
 
-Owns prompt building (through `model.tokenizer.render_chat` and `model.tasks` — never a prompt
-written here), length checks (prompt too long is an error, never truncated), per-request deadlines,
-abort on client disconnect, metrics per generated item, and /classify's label scoring.
+Owns turning requests into prompt ids and length checks (both through `model.tasks`, the one home of
+task prompts, the length rule and the label math — never a prompt written here), per-request
+deadlines, abort on client disconnect, metrics per generated item, and /classify's engine calls.
 Routes stay thin: parse -> service call -> response model.
 """
 
@@ -12,8 +12,8 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import math
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -23,7 +23,7 @@ from fastapi import Request
 from model import tasks
 from model.head import LoadedHead
 from model.sampling import SamplingParams
-from model.tokenizer import Tokenizer, render_chat
+from model.tokenizer import Tokenizer
 
 from .engine_client import EngineClient
 from .errors import ApiError, DeadlineExceeded, InvalidRequest, NotFound, prompt_too_long, to_api_error
@@ -62,6 +62,28 @@ class Scored:
     model: str | None = None  # the adapter whose head answered; None = the base model
 
 
+class PriorCache:
+    """Content-free priors per label set (`model.tasks.ClassifySpec`), least recently used dropped first:
+    a client reusing its label set pays for the prior once."""
+
+    def __init__(self, capacity: int = 256) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[tasks.ClassifySpec, list[float]] = OrderedDict()
+
+    def get(self, spec: tasks.ClassifySpec) -> list[float] | None:
+        prior = self._items.get(spec)
+        if prior is not None:
+            self._items.move_to_end(spec)
+        return prior
+
+    def put(self, spec: tasks.ClassifySpec, prior: list[float]) -> list[float]:
+        self._items[spec] = prior
+        self._items.move_to_end(spec)
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+        return prior
+
+
 class Service:
     def __init__(self, settings: ServerSettings, tokenizer: Tokenizer, client: EngineClient,
                  model_name: str, meta: dict[str, Any], metrics: Metrics | None, serving_path: str = "unknown",
@@ -78,14 +100,12 @@ class Service:
         self.limits = Limits(settings.max_tokens_default, settings.max_tokens_limit, settings.max_batch_items,
                              vocab_size=tokenizer.vocab_size)
         self.prompts = PromptGuard(tokenizer, self.max_model_len)  # check chars, then tokenize off the loop
+        self._priors = PriorCache()
 
     # ------------------------------------------------------------------ prompts
     def chat_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        messages = [dict(m) for m in messages]
-        if self.settings.default_system_prompt and messages and messages[0]["role"] != "system":
-            messages.insert(0, {"role": "system", "content": self.settings.default_system_prompt})
         try:
-            return render_chat(self.tokenizer, messages, add_generation_prompt=True).ids
+            return tasks.render_prompt(self.tokenizer, messages, self.settings.default_system_prompt)
         except ValueError as exc:
             raise InvalidRequest(str(exc), param="messages") from None
 
@@ -103,20 +123,20 @@ class Service:
         """Check the prompt fits; clamp a defaulted max_tokens to the room left, reject an explicit
         one that does not fit (both token counts in the message)."""
         n = len(prompt_ids)
-        if n == 0:
-            raise InvalidRequest("prompt is empty", param=param)
-        if n >= self.max_model_len:
-            err = prompt_too_long(n, self.max_model_len)
-            err.param = param
-            raise err
-        room = self.max_model_len - n
-        if params.max_tokens > room:
-            if explicit_max_tokens:
-                err = prompt_too_long(n, self.max_model_len, params.max_tokens)
-                err.param = "max_tokens"
-                raise err
-            params = dataclasses.replace(params, max_tokens=room)
-        return params
+        self.check_length(n, 1, param)
+        if explicit_max_tokens:
+            self.check_length(n, params.max_tokens, "max_tokens")
+        return dataclasses.replace(params, max_tokens=min(params.max_tokens, self.max_model_len - n))
+
+    def check_length(self, prompt_tokens: int, needed: int, param: str) -> None:
+        """`model.tasks.check_length` as the API's 400 (context_length_exceeded, naming `param`)."""
+        try:
+            tasks.check_length(prompt_tokens, self.max_model_len, needed, param)
+        except tasks.ContextTooLong:
+            raise prompt_too_long(prompt_tokens, self.max_model_len, needed if param == "max_tokens" else None,
+                                  param) from None
+        except tasks.TaskError as exc:
+            raise InvalidRequest(str(exc), param=param) from None
 
     # ------------------------------------------------------------------ generation
     def deadline(self, t_arrival_loop: float) -> float:
@@ -190,35 +210,68 @@ class Service:
             raise InvalidRequest("the checkpoint's label set is empty; pass labels", param="labels")
         return [str(label) for label in found]
 
+    def classify_spec(self, labels: list[str] | None, label_set: str | None = None,
+                      descriptions: dict[str, str] | None = None,
+                      examples: dict[str, list[str]] | None = None) -> tasks.ClassifySpec:
+        """The request's label set (or the checkpoint's), canonicalised: the order labels come in
+        cannot change the prompt or the scores."""
+        try:
+            return tasks.ClassifySpec.build(labels or self.default_labels(label_set), descriptions, examples)
+        except tasks.TaskError as exc:
+            raise InvalidRequest(str(exc), param=exc.param) from None
+
     async def classify(self, request: Request, texts: list[str], labels: list[str] | None,
                        multi_label: bool, threshold: float, label_set: str | None = None,
-                       endpoint: str = "classify", model: str | None = None) -> list[Scored]:
-        """Rank labels by the model's log-likelihood of answering each one (one batched forward
-        per text): softmax over labels (sums to 1), or per-label independent scores for multi_label:
-        exp(mean token log p) of the label's answer (its geometric-mean token probability, in (0, 1]).
-        A classification head whose label set equals `labels` (or the head `model` names) answers
-        instead: one shallow forward per text (`classify_with_head`)."""
+                       endpoint: str = "classify", model: str | None = None,
+                       descriptions: dict[str, str] | None = None,
+                       examples: dict[str, list[str]] | None = None) -> list[Scored]:
+        """A classification head whose label set equals `labels` (or the head `model` names) answers
+        when there is one: one shallow forward per text (`classify_with_head`); otherwise zero-shot
+        scoring of the request's label set (`classify_spec`, `classify_zero_shot`)."""
         head = self.head_for(labels, model)
         if head is not None:
             return await self.classify_with_head(request, texts, head, multi_label, threshold, endpoint)
-        labels = labels or self.default_labels(label_set)
-        tok = self.tokenizer
+        spec = self.classify_spec(labels, label_set, descriptions, examples)
+        return await self.classify_zero_shot(request, texts, spec, multi_label, threshold, endpoint)
+
+    async def classify_zero_shot(self, request: Request, texts: list[str], spec: tasks.ClassifySpec,
+                                 multi_label: bool, threshold: float, endpoint: str) -> list[Scored]:
+        """Rank labels by the model's log-likelihood of answering each one (one scoring forward per
+        text, the prompt shared by every label), calibrated by `model.tasks.DEFAULT_CALIBRATION`
+        against the label set's content-free prior (scored once per label set, then cached)."""
+        tok, system = self.tokenizer, self.settings.default_system_prompt
+        conts = tasks.label_continuations(tok, spec)
         jobs = []
         for text in texts:
             try:
-                prompt = self.chat_prompt(tasks.classify_messages(text, labels))
-                conts = [tok.encode(tasks.classify_answer(label)) + [tok.im_end_id] for label in labels]
+                prompt = tasks.render_prompt(tok, spec.messages(text), system)
             except tasks.TaskError as exc:
-                raise InvalidRequest(str(exc), param="labels" if "label" in str(exc) else "text") from None
-            longest = len(prompt) + max(len(c) for c in conts)
-            if longest > self.max_model_len:
-                err = prompt_too_long(longest, self.max_model_len)
-                err.param = "text"
-                raise err
+                raise InvalidRequest(str(exc), param=exc.param) from None
+            self.check_length(len(prompt), max(len(c) for c in conts), "text")
             jobs.append((prompt, conts))
+        calibration = tasks.DEFAULT_CALIBRATION
+        prior = self._priors.get(spec)
+        needs_prior = prior is None and calibration in tasks.PRIOR_CALIBRATIONS
+        free = [(p, conts) for p in tasks.content_free_prompts(tok, spec, system)] if needs_prior else []
+        all_ll = await self._score(request, jobs + free, endpoint)
+        if needs_prior:
+            prior = self._priors.put(spec, tasks.content_free_prior(all_ll[len(jobs):]))
+        lengths = [len(c) for c in conts]
+        results = []
+        for (prompt, _), ll in zip(jobs, all_ll, strict=False):
+            probs = tasks.label_probabilities(ll, lengths, prior, calibration, multi_label)
+            ranked = tasks.rank_labels(spec.labels, probs)
+            chosen = [lab for lab, p in ranked if p >= threshold] if multi_label else [ranked[0][0]]
+            results.append(Scored(ranked[0][0], chosen, ranked, len(prompt)))
+            self._count(endpoint, "scored")
+        return results
+
+    async def _score(self, request: Request, jobs: list[tuple[list[int], list[list[int]]]],
+                     endpoint: str) -> list[list[float]]:
+        """engine.score for every (prompt, continuations) job, on the engine thread, within the deadline."""
         t0 = time.perf_counter()
         deadline = self.settings.request_timeout_s
-        with self.client.reserve(len(texts)):
+        with self.client.reserve(len(jobs)):
             try:
                 all_ll = await until_disconnect(request, asyncio.wait_for(
                     self.client.score_each(jobs), deadline))
@@ -231,20 +284,7 @@ class Service:
         if self.metrics is not None:
             self.metrics.e2e.observe(time.perf_counter() - t0)
             self.metrics.prompt_tokens.inc(sum(len(p) for p, _ in jobs))
-        results = []
-        for (prompt, conts), ll in zip(jobs, all_ll, strict=True):
-            if multi_label:
-                probs = [math.exp(v / len(c)) for v, c in zip(ll, conts, strict=True)]
-            else:
-                top = max(ll)
-                exps = [math.exp(v - top) for v in ll]
-                total = sum(exps)
-                probs = [e / total for e in exps]
-            ranked = sorted(zip(labels, probs, strict=True), key=lambda lp: -lp[1])
-            chosen = ([lab for lab, p in ranked if p >= threshold] if multi_label else [ranked[0][0]])
-            results.append(Scored(ranked[0][0], chosen, ranked, len(prompt)))
-            self._count(endpoint, "scored")
-        return results
+        return all_ll
 
     # ------------------------------------------------------------------ classify with a head
     def head_for(self, labels: list[str] | None, model: str | None) -> tuple[str, LoadedHead] | None:

@@ -1,21 +1,32 @@
-"""The task prompts: the ONE place the wording for chat / summarize / translate / classify lives.
+"""The task logic: the ONE place the prompts, the label scoring and the length rule live.
 
-Fine-tuning (`training.finetune`) renders its examples with these functions and the server
-(`app/`) renders its requests with the same ones, so training and serving never drift apart.
-Each function returns a list of chat messages (`{"role": ..., "content": ...}`) for
-`model.tokenizer.render_chat`; none of them adds a system message, so the tokenizer's default
-system prompt (if any) applies exactly as it does for plain chat.
+Fine-tuning (`training.finetune`), evaluation (`training.evaluate`) and the server (`app/`) all call
+these functions, so the three never drift apart (tests/test_tasks.py checks the token ids):
 
-    messages = classify_messages("I lost my card", ["lost_or_stolen_card", "card_arrival"])
-    # score each label: sum log p(classify_answer(label) + <|im_end|> | rendered prompt)
+    ids = render_prompt(tokenizer, summarize_messages(text))           # prompt ids, assistant header last
+    spec = ClassifySpec.build(["lost_or_stolen_card", "card_arrival"])  # canonical label order
+    prompt = render_prompt(tokenizer, spec.messages("I lost my card"))
+    loglik = engine.score(prompt, label_continuations(tokenizer, spec))
+    prior = content_free_prior([engine.score(p, conts) for p in content_free_prompts(tokenizer, spec)])
+    probs = label_probabilities(loglik, [len(c) for c in conts], prior, Calibration.PRIOR)  # softmax
 
-Pure Python, no torch: the prompts are short and plain so an instruct model such as
-SmolLM2-135M-Instruct does reasonably zero-shot and a fine-tuned model learns them quickly.
+Messages are lists of chat messages (`{"role": ..., "content": ...}`) for
+`model.tokenizer.render_chat`; none of them adds a system message, so the tokenizer's default system
+prompt (or the server's override, passed to `render_prompt`) applies exactly as it does for plain chat.
+The prompts are short and plain so an instruct model such as SmolLM2-135M-Instruct does reasonably
+zero-shot and a fine-tuned model learns them quickly.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from model.tokenizer import ChatRendering, Tokenizer
 
 Message = dict[str, str]
 
@@ -36,15 +47,65 @@ LANGUAGE_NAMES: dict[str, str] = {
 
 
 class TaskError(ValueError):
-    """A task request that cannot be turned into a prompt (empty text, no labels, ...)."""
+    """A task request that cannot be turned into a prompt (empty text, no labels, ...). `param` names
+    the request field at fault, so the server's 400 can point at it without parsing the message."""
+
+    def __init__(self, message: str, param: str = "text") -> None:
+        super().__init__(message)
+        self.param = param
 
 
-def language_name(code_or_name: str) -> str:
+class ContextTooLong(TaskError):
+    """Prompt + the tokens it needs after it do not fit in max_model_len (never truncated silently)."""
+
+    def __init__(self, prompt_tokens: int, needed: int, max_model_len: int, param: str = "messages") -> None:
+        super().__init__(f"prompt is {prompt_tokens} tokens and needs {needed} more, but the maximum "
+                         f"context length is {max_model_len} tokens", param)
+        self.prompt_tokens, self.needed, self.max_model_len = prompt_tokens, needed, max_model_len
+
+
+def language_name(code_or_name: str, param: str = "target_lang") -> str:
     """'de' -> 'German'; a name or an unknown code is returned stripped, unchanged."""
     value = code_or_name.strip()
     if not value:
-        raise TaskError("language must not be empty")
+        raise TaskError("language must not be empty", param)
     return LANGUAGE_NAMES.get(value.lower(), value)
+
+
+def check_length(prompt_tokens: int, max_model_len: int, needed: int = 1, param: str = "messages") -> None:
+    """The length rule, for generation and scoring alike: the prompt plus the `needed` tokens after it
+    (1 to generate anything, max_tokens when the caller set it, the longest scored continuation) must
+    fit in max_model_len; a prompt is never truncated. Raises ContextTooLong."""
+    if prompt_tokens <= 0:
+        raise TaskError("prompt is empty", param)
+    if prompt_tokens + needed > max_model_len:
+        raise ContextTooLong(prompt_tokens, needed, max_model_len, param)
+
+
+def with_system(messages: Sequence[Message], system_prompt: str | None) -> list[Message]:
+    """`messages` with `system_prompt` (the server's configured default) in front when the chat has no
+    system message of its own; None leaves the tokenizer's default to `render_chat`."""
+    out = [dict(m) for m in messages]
+    if system_prompt and out and out[0]["role"] != "system":
+        out.insert(0, {"role": "system", "content": system_prompt})
+    return out
+
+
+def render_prompt(tokenizer: Tokenizer, messages: Sequence[Message], system_prompt: str | None = None) -> list[int]:
+    """Prompt ids ending with the assistant header: what the server and the evaluator feed the engine,
+    and the prefix of what `render_example` trains on. Bad messages raise ValueError."""
+    from model.tokenizer import render_chat
+
+    return list(render_chat(tokenizer, with_system(messages, system_prompt), add_generation_prompt=True).ids)
+
+
+def render_conversation(tokenizer: Tokenizer, messages: Sequence[Message], system_prompt: str | None = None
+                        ) -> ChatRendering:
+    """A whole conversation (answers included) with its loss mask: what fine-tuning trains on. Its
+    ids up to an assistant answer are exactly `render_prompt` of the messages before it."""
+    from model.tokenizer import render_chat
+
+    return render_chat(tokenizer, with_system(messages, system_prompt), add_generation_prompt=False)
 
 
 def _require_text(text: str) -> str:
@@ -64,7 +125,7 @@ def summarize_messages(text: str, max_words: int | None = None) -> list[Message]
     The expected assistant answer is the summary itself, with no preamble."""
     text = _require_text(text)
     if max_words is not None and (not isinstance(max_words, int) or max_words <= 0):
-        raise TaskError(f"max_words must be a positive integer, got {max_words!r}")
+        raise TaskError(f"max_words must be a positive integer, got {max_words!r}", "max_words")
     limit = f" in at most {max_words} words" if max_words else ""
     return [{"role": "user",
              "content": f"Summarize the following text{limit}. Reply with the summary only.\n\n{text}"}]
@@ -76,29 +137,174 @@ def translate_messages(text: str, target_lang: str, source_lang: str | None = No
     The expected assistant answer is the translation only."""
     text = _require_text(text)
     target = language_name(target_lang)
-    source = f" from {language_name(source_lang)}" if source_lang else ""
+    source = f" from {language_name(source_lang, 'source_lang')}" if source_lang else ""
     return [{"role": "user",
              "content": f"Translate the following text{source} to {target}. "
                         f"Reply with the translation only.\n\n{text}"}]
 
 
-def classify_messages(text: str, labels: Sequence[str]) -> list[Message]:
-    """Prompt listing the candidate `labels` and asking for the single best one for `text`.
+# ---------------------------------------------------------------------------- classify
+CONTENT_FREE_TEXTS: tuple[str, ...] = ("N/A", "[MASK]", "")  # Zhao et al. 2021, contextual calibration
+MAX_EXAMPLES = 64  # few-shot examples per request, all labels together (the prompt grows with each)
 
-    The expected assistant answer is exactly `classify_answer(label)`; the server ranks labels by
-    the log-likelihood of that answer, so the wording here matters for zero-shot accuracy."""
-    text = _require_text(text)
-    clean = [str(label).strip() for label in labels]
-    if not clean or any(not label for label in clean):
-        raise TaskError("labels must be a non-empty list of non-empty strings")
-    if len(set(clean)) != len(clean):
-        raise TaskError("labels must be unique")
-    options = "\n".join(f"- {label}" for label in clean)
-    return [{"role": "user",
-             "content": f"Classify the text into one of these labels:\n{options}\n\n"
-                        f"Text: {text}\n\nAnswer with the single best label only."}]
+
+class Calibration(str, Enum):
+    """How a label's log-likelihood becomes its score (chosen on validation data, docs/classify.md).
+
+    none        sum log p(answer | prompt): favours short, frequent labels and whatever the prompt primes
+    mean        the same per answer token (length-normalised)
+    prior       minus the label's log-likelihood after content-free inputs ("N/A", ...): contextual
+                calibration / domain-conditional PMI — removes each label's prior
+    prior_mean  `prior` per answer token (length-normalised PMI)
+    """
+
+    NONE = "none"
+    MEAN = "mean"
+    PRIOR = "prior"
+    PRIOR_MEAN = "prior_mean"
+
+
+PRIOR_CALIBRATIONS = (Calibration.PRIOR, Calibration.PRIOR_MEAN)
+# what the server uses; chosen on validation splits (docs/classify.md, `bench.zero_shot`)
+DEFAULT_CALIBRATION = Calibration.PRIOR_MEAN
+DEFAULT_LIST_LABELS = True
+
+
+def label_text(label: str) -> str:
+    """How a label reads in prompts and answers: identifier-style labels as words
+    ('lost_or_stolen_card' -> 'lost or stolen card'), which a language model scores far more sensibly."""
+    return " ".join(str(label).replace("_", " ").split())
+
+
+@dataclass(frozen=True)
+class ClassifySpec:
+    """Everything a classify prompt depends on besides the text, in ONE canonical order (labels sorted,
+    examples by label then text), so the order a caller lists labels in cannot change the prompt or
+    the scores. Hashable: the server caches each spec's content-free prior under it."""
+
+    labels: tuple[str, ...]
+    descriptions: tuple[tuple[str, str], ...] = ()  # (label, description), label order
+    examples: tuple[tuple[str, str], ...] = ()  # (label, text), label order
+    list_labels: bool = DEFAULT_LIST_LABELS  # name every label in the prompt (else: descriptions/examples only)
+
+    @classmethod
+    def build(cls, labels: Sequence[str], descriptions: Mapping[str, str] | None = None,
+              examples: Mapping[str, Sequence[str]] | None = None,
+              list_labels: bool = DEFAULT_LIST_LABELS) -> ClassifySpec:
+        """Validate and canonicalise; TaskError names the field at fault."""
+        clean = sorted(str(label).strip() for label in labels)
+        if not clean or any(not label for label in clean):
+            raise TaskError("labels must be a non-empty list of non-empty strings", "labels")
+        if len(set(clean)) != len(clean):
+            raise TaskError("labels must be unique", "labels")
+        texts = [label_text(label) for label in clean]
+        if len(set(texts)) != len(texts):
+            raise TaskError("labels must stay distinct with '_' read as a space", "labels")
+        known = set(clean)
+        desc = {str(k).strip(): str(v).strip() for k, v in (descriptions or {}).items()}
+        _check_keys(desc, known, "descriptions")
+        if any(not v for v in desc.values()):
+            raise TaskError("descriptions must be non-empty strings", "descriptions")
+        shots = {str(k).strip(): [str(t).strip() for t in v] for k, v in (examples or {}).items()}
+        _check_keys(shots, known, "examples")
+        if any(not t for v in shots.values() for t in v):
+            raise TaskError("examples must be non-empty strings", "examples")
+        if sum(len(v) for v in shots.values()) > MAX_EXAMPLES:
+            raise TaskError(f"at most {MAX_EXAMPLES} examples in all", "examples")
+        return cls(tuple(clean), tuple((lab, desc[lab]) for lab in clean if lab in desc),
+                   tuple((lab, t) for lab in clean for t in sorted(shots.get(lab, ()))), list_labels)
+
+    def messages(self, text: str) -> list[Message]:
+        """The prompt for one text; the expected assistant answer is `classify_answer(label)`."""
+        return self._messages(_require_text(text))
+
+    def _messages(self, text: str) -> list[Message]:
+        parts = []
+        described = dict(self.descriptions)
+        if self.list_labels or described:
+            shown = self.labels if self.list_labels else [lab for lab in self.labels if lab in described]
+            lines = [f"- {label_text(lab)}" + (f": {described[lab]}" if lab in described else "") for lab in shown]
+            parts.append("Classify the text into one of these labels:\n" + "\n".join(lines))
+        else:
+            parts.append("Classify the text with a short label.")
+        if self.examples:
+            parts.append("Examples:\n" + "\n".join(f"Text: {t}\nLabel: {label_text(lab)}" for lab, t in self.examples))
+        parts.append(f"Text: {text}\n\nAnswer with the single best label only.")
+        return [{"role": "user", "content": "\n\n".join(parts)}]
+
+
+def _check_keys(mapping: Mapping[str, object], known: set[str], param: str) -> None:
+    unknown = sorted(set(mapping) - known)
+    if unknown:
+        raise TaskError(f"{param} names labels that are not in labels: {unknown[:5]}", param)
+
+
+def classify_messages(text: str, labels: Sequence[str], descriptions: Mapping[str, str] | None = None,
+                      examples: Mapping[str, Sequence[str]] | None = None) -> list[Message]:
+    """The classify prompt for `text` (labels in canonical order, whatever order they come in)."""
+    return ClassifySpec.build(labels, descriptions, examples).messages(text)
 
 
 def classify_answer(label: str) -> str:
-    """The assistant text for a label: the label itself (what fine-tuning teaches, what is scored)."""
-    return str(label).strip()
+    """The assistant text for a label (what fine-tuning teaches, what is scored)."""
+    return label_text(label)
+
+
+def label_continuations(tokenizer: Tokenizer, spec: ClassifySpec) -> list[list[int]]:
+    """Token ids scored per label, in `spec.labels` order: the answer then <|im_end|> (the answer ends)."""
+    return [tokenizer.encode(classify_answer(label)) + [tokenizer.im_end_id] for label in spec.labels]
+
+
+def content_free_prompts(tokenizer: Tokenizer, spec: ClassifySpec, system_prompt: str | None = None
+                         ) -> list[list[int]]:
+    """The spec's prompt around each content-free text: what the model answers when the text says nothing."""
+    return [render_prompt(tokenizer, spec._messages(text), system_prompt) for text in CONTENT_FREE_TEXTS]
+
+
+def content_free_prior(logliks: Sequence[Sequence[float]]) -> list[float]:
+    """Per label: log of the mean probability of its answer over the content-free inputs."""
+    return [_logmeanexp(column) for column in zip(*logliks, strict=True)]
+
+
+def label_scores(loglik: Sequence[float], lengths: Sequence[int], prior: Sequence[float] | None,
+                 calibration: Calibration) -> list[float]:
+    """Calibrated scores (higher is better), one per label; see `Calibration`."""
+    cal = Calibration(calibration)
+    if cal in PRIOR_CALIBRATIONS:
+        if prior is None:
+            raise ValueError(f"calibration {cal.value!r} needs the content-free prior")
+        loglik = [v - p for v, p in zip(loglik, prior, strict=True)]
+    if cal in (Calibration.MEAN, Calibration.PRIOR_MEAN):
+        return [v / n for v, n in zip(loglik, lengths, strict=True)]
+    return list(loglik)
+
+
+def label_probabilities(loglik: Sequence[float], lengths: Sequence[int], prior: Sequence[float] | None,
+                        calibration: Calibration, multi_label: bool = False) -> list[float]:
+    """Single-label: softmax over the calibrated scores (sums to 1). Multi-label: each label on its own,
+    from its per-token score: exp(mean log p) in (0, 1] without a prior; with one, the sigmoid of the
+    per-token PMI, where 0.5 means "the text makes this label no likelier than no text does"."""
+    cal = Calibration(calibration)
+    if multi_label:
+        with_prior = cal in PRIOR_CALIBRATIONS
+        per_token = label_scores(loglik, lengths, prior, Calibration.PRIOR_MEAN if with_prior else Calibration.MEAN)
+        return [_sigmoid(s) if with_prior else math.exp(s) for s in per_token]
+    scores = label_scores(loglik, lengths, prior, cal)
+    top = max(scores)
+    exps = [math.exp(s - top) for s in scores]
+    total = sum(exps)
+    return [e / total for e in exps]
+
+
+def rank_labels(labels: Sequence[str], probs: Sequence[float]) -> list[tuple[str, float]]:
+    """(label, probability), best first; ties keep the labels' canonical order (stable sort)."""
+    return sorted(zip(labels, probs, strict=True), key=lambda lp: -lp[1])
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+def _logmeanexp(values: Sequence[float]) -> float:
+    top = max(values)
+    return top + math.log(sum(math.exp(v - top) for v in values) / len(values))

@@ -1,14 +1,16 @@
-"""evaluate's /classify ranking: the best label is the one with the highest engine.score, and
+"""evaluate's /classify ranking: the server's calibrated label probabilities from engine.score, and
 engine.score (prompt computed once, continuations packed) equals a full recompute per label."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
-from training.evaluate import classify_one
+from model import tasks
+from training.evaluate import Classifier
 
 
 def test_classify_one_ranks_by_full_recompute_log_likelihood(tiny_checkpoint: Path) -> None:
@@ -28,5 +30,15 @@ def test_classify_one_ranks_by_full_recompute_log_likelihood(tiny_checkpoint: Pa
             want.append(sum(float(logp[len(prompt) - 1 + j, t]) for j, t in enumerate(c)))
     assert engine.score(prompt, conts) == pytest.approx(want, abs=1e-4)
     labels = ["lost_card", "card_arrival", "exchange_rate"]
-    best, scores = classify_one(engine, ckpt.tokenizer, "I lost my card", labels)
-    assert best == labels[max(range(3), key=lambda i: scores[i])] and len(scores) == 3
+    classifier = Classifier(engine, ckpt.tokenizer)
+    best, probs = classifier.classify("I lost my card", labels, tasks.Calibration.PRIOR_MEAN)
+    assert best == labels[max(range(3), key=lambda i: probs[i])] and sum(probs) == pytest.approx(1.0)
+    # the probabilities are the prior-calibrated softmax of engine.score, the prior scored once per label set
+    spec = classifier.spec(labels)
+    conts = tasks.label_continuations(ckpt.tokenizer, spec)
+    ll = engine.score(tasks.render_prompt(ckpt.tokenizer, spec.messages("I lost my card")), conts)
+    prior = tasks.content_free_prior([engine.score(p, conts) for p in tasks.content_free_prompts(ckpt.tokenizer, spec)])
+    pmi = [(v - p) / len(c) for v, p, c in zip(ll, prior, conts, strict=True)]
+    want = [math.exp(s) / sum(math.exp(t) for t in pmi) for s in pmi]
+    assert dict(zip(spec.labels, want, strict=True)) == pytest.approx(dict(zip(labels, probs, strict=True)))
+    assert list(classifier.priors) == [spec]

@@ -210,9 +210,7 @@ class SFTExample:
 
 
 def render_example(tokenizer: Any, messages: list[dict[str, str]], task: str) -> SFTExample:
-    from model.tokenizer import render_chat
-
-    r = render_chat(tokenizer, messages, add_generation_prompt=False)
+    r = tasks.render_conversation(tokenizer, messages)
     return SFTExample(task=task, ids=list(r.ids), loss_mask=list(r.loss_mask))
 
 

@@ -10,14 +10,16 @@ Tasks (each optional, each a JSONL file in the shared-data format):
   summarize   {"document", "summary"[, "references"]}: greedy summaries, ROUGE-1/2/L (rouge-score)
   translate   {"src", "tgt", "src_lang", "tgt_lang"}: greedy translations, BLEU + chrF (sacrebleu)
   classify    {"text", "label"}: the /classify ranking — every candidate label is scored as the
-              assistant answer (sum log p(label tokens + <|im_end|> | prompt) via engine.score) and
-              the best one is the prediction; accuracy + macro-F1
-Prompts come from `model.tasks`, rendered with `model.tokenizer.render_chat`, as the server does.
+              assistant answer (sum log p(label tokens + <|im_end|> | prompt) via engine.score),
+              calibrated against the label set's content-free prior, and the best one is the
+              prediction; accuracy + macro-F1, and the accuracy of every calibration
+Prompts, the length rule and the label math come from `model.tasks`, as in the server.
 Writes `report.json` and `report.md` into `out_dir`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -29,7 +31,6 @@ from typing import Any
 import torch
 
 from model import tasks
-from model.engine import PromptTooLong
 from training import metrics
 from training.common import (
     TrainingError,
@@ -40,7 +41,7 @@ from training.common import (
     set_threads,
     write_json,
 )
-from training.data import candidate_labels, iter_jsonl, read_labels, read_shard
+from training.data import candidate_labels, iter_jsonl, read_labels, read_shard, task_messages
 
 SHARED = "../shared/data"
 
@@ -57,6 +58,9 @@ class EvaluateConfig:
     labels: list[str] = field(default_factory=list, help="classification label set (default: labels.json "
                               "next to the data, else the checkpoint's 'classify' labels, else the data's)")
     classify_candidates: int = field(0, help="candidates per example: gold + k-1 random others (0 = all labels)")
+    classify_calibration: str = field(tasks.DEFAULT_CALIBRATION.value, help="label score calibration: "
+                                      + ", ".join(c.value for c in tasks.Calibration) + " (model/tasks.py)")
+    classify_list_labels: bool = field(tasks.DEFAULT_LIST_LABELS, help="name every label in the classify prompt")
     limit: int = field(200, help="examples per task (a seeded random sample of N; 0 = all)")
     max_new_tokens: int = field(64, help="generation budget for summarize / translate")
     ppl_window: int = field(256, help="tokens per perplexity window")
@@ -93,10 +97,10 @@ def _records(path: str, limit: int, seed: int = 0) -> list[dict[str, Any]]:
     return recs
 
 
-def _prompt(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    from model.tokenizer import render_chat
-
-    return render_chat(tokenizer, messages, add_generation_prompt=True).ids
+def prompt_ids(tokenizer: Any, task: str, record: dict[str, Any]) -> list[int]:
+    """The prompt of a shared-data record: its training conversation (`training.data.task_messages`)
+    without the answer, rendered as the server renders requests."""
+    return tasks.render_prompt(tokenizer, task_messages(task, record)[:-1])
 
 
 def _greedy(engine: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
@@ -126,14 +130,21 @@ def eval_perplexity(engine: Any, tokenizer: Any, path: str, limit: int, window: 
 def _fitting(engine: Any, prompts: list[list[int]], recs: list[dict[str, Any]], max_new: int
              ) -> tuple[list[list[int]], list[dict[str, Any]], int]:
     """Drop examples whose prompt + generation budget exceed the engine's max_model_len (counted)."""
-    limit = engine.config.max_model_len
-    keep = [i for i, p in enumerate(prompts) if len(p) + max_new <= limit]
+    keep = [i for i, p in enumerate(prompts) if _fits(len(p), engine.config.max_model_len, max_new)]
     return [prompts[i] for i in keep], [recs[i] for i in keep], len(prompts) - len(keep)
+
+
+def _fits(prompt_tokens: int, max_model_len: int, needed: int) -> bool:
+    try:
+        tasks.check_length(prompt_tokens, max_model_len, needed)
+    except tasks.TaskError:
+        return False
+    return True
 
 
 def eval_summarize(engine: Any, tokenizer: Any, path: str, limit: int, max_new: int) -> dict[str, Any]:
     recs = _records(path, limit)
-    prompts = [_prompt(tokenizer, tasks.summarize_messages(r["document"])) for r in recs]
+    prompts = [prompt_ids(tokenizer, tasks.SUMMARIZE, r) for r in recs]
     prompts, recs, skipped = _fitting(engine, prompts, recs, max_new)
     preds = _greedy(engine, tokenizer, prompts, max_new)
     refs = [r.get("references") or [r["summary"]] for r in recs]
@@ -143,7 +154,7 @@ def eval_summarize(engine: Any, tokenizer: Any, path: str, limit: int, max_new: 
 
 def eval_translate(engine: Any, tokenizer: Any, path: str, limit: int, max_new: int) -> dict[str, Any]:
     recs = _records(path, limit)
-    prompts = [_prompt(tokenizer, tasks.translate_messages(r["src"], r["tgt_lang"], r.get("src_lang"))) for r in recs]
+    prompts = [prompt_ids(tokenizer, tasks.TRANSLATE, r) for r in recs]
     prompts, recs, skipped = _fitting(engine, prompts, recs, max_new)
     preds = _greedy(engine, tokenizer, prompts, max_new)
     target = recs[0]["tgt_lang"] if recs else "en"
@@ -152,38 +163,69 @@ def eval_translate(engine: Any, tokenizer: Any, path: str, limit: int, max_new: 
                         for r, p in zip(recs[:3], preds[:3], strict=True)]}
 
 
-@torch.inference_mode()
-def classify_one(engine: Any, tokenizer: Any, text: str, labels: list[str]) -> tuple[str, list[float]]:
-    """The /classify ranking: each label's answer scored as the assistant reply; returns the best
-    label and the per-label log-likelihoods."""
-    prompt = _prompt(tokenizer, tasks.classify_messages(text, labels))
-    conts = [tokenizer.encode(tasks.classify_answer(lab)) + [tokenizer.im_end_id] for lab in labels]
-    longest = len(prompt) + max(len(c) for c in conts)
-    if longest > engine.config.max_model_len:
-        raise PromptTooLong(longest, engine.config.max_model_len + 1)
-    scores = engine.score(prompt, conts)
-    best = max(range(len(labels)), key=lambda i: scores[i])
-    return labels[best], scores
+@dataclass
+class Classifier:
+    """The /classify scoring offline: the same `model.tasks` prompt, continuations, content-free prior
+    and calibration as the server, through engine.score. Priors are cached per label set, as the
+    server caches them."""
+
+    engine: Any
+    tokenizer: Any
+    list_labels: bool = tasks.DEFAULT_LIST_LABELS
+    priors: dict[tasks.ClassifySpec, list[float]] = dataclasses.field(default_factory=dict)
+
+    def spec(self, labels: list[str]) -> tasks.ClassifySpec:
+        return tasks.ClassifySpec.build(labels, list_labels=self.list_labels)
+
+    @torch.inference_mode()
+    def logliks(self, spec: tasks.ClassifySpec, text: str) -> tuple[list[float], list[int], list[float]]:
+        """(log-likelihood per label, answer tokens per label, content-free prior per label), in
+        `spec.labels` order. Raises ContextTooLong when the prompt + the longest answer do not fit."""
+        conts = tasks.label_continuations(self.tokenizer, spec)
+        prompt = tasks.render_prompt(self.tokenizer, spec.messages(text))
+        tasks.check_length(len(prompt), self.engine.config.max_model_len, max(len(c) for c in conts), "text")
+        if spec not in self.priors:
+            free = tasks.content_free_prompts(self.tokenizer, spec)
+            self.priors[spec] = tasks.content_free_prior([self.engine.score(p, conts) for p in free])
+        return self.engine.score(prompt, conts), [len(c) for c in conts], self.priors[spec]
+
+    def classify(self, text: str, labels: list[str], calibration: tasks.Calibration = tasks.DEFAULT_CALIBRATION
+                 ) -> tuple[str, list[float]]:
+        """The best label and every label's probability, in the caller's `labels` order."""
+        spec = self.spec(labels)
+        ll, lengths, prior = self.logliks(spec, text)
+        probs = dict(zip(spec.labels, tasks.label_probabilities(ll, lengths, prior, calibration), strict=True))
+        return tasks.rank_labels(spec.labels, list(probs.values()))[0][0], [probs[lab.strip()] for lab in labels]
 
 
-def eval_classify(engine: Any, tokenizer: Any, path: str, limit: int, labels: list[str], candidates: int,
-                  seed: int) -> dict[str, Any]:
+def eval_classify(classifier: Classifier, path: str, limit: int, labels: list[str], candidates: int,
+                  seed: int, calibration: tasks.Calibration) -> dict[str, Any]:
+    """Accuracy and macro-F1 of `calibration`, plus the accuracy of every calibration on the same
+    log-likelihoods (to choose one on a validation split at the cost of one)."""
     recs = _records(path, limit, seed)
     rng = random.Random(seed)
-    gold, pred = [], []
-    skipped = 0
+    gold: list[str] = []
+    preds: dict[tasks.Calibration, list[str]] = {cal: [] for cal in tasks.Calibration}
+    skipped, t0 = 0, time.perf_counter()
     for r in recs:
-        cands = candidate_labels(str(r["label"]), labels, candidates, rng)
+        spec = classifier.spec(candidate_labels(str(r["label"]), labels, candidates, rng))
         try:
-            p, _ = classify_one(engine, tokenizer, r["text"], cands)
-        except PromptTooLong:
+            ll, lengths, prior = classifier.logliks(spec, r["text"])
+        except tasks.ContextTooLong:
             skipped += 1
             continue
         gold.append(str(r["label"]))
-        pred.append(p)
+        for cal in tasks.Calibration:
+            probs = tasks.label_probabilities(ll, lengths, prior, cal)
+            preds[cal].append(tasks.rank_labels(spec.labels, probs)[0][0])
+    seconds = time.perf_counter() - t0
+    pred = preds[tasks.Calibration(calibration)]
     return {"examples": len(gold), "skipped_too_long": skipped, "labels": len(labels),
             "candidates_per_example": candidates if 0 < candidates < len(labels) else len(labels),
-            "accuracy": metrics.accuracy(gold, pred), "macro_f1": metrics.macro_f1(gold, pred)}
+            "calibration": tasks.Calibration(calibration).value, "list_labels": classifier.list_labels,
+            "accuracy": metrics.accuracy(gold, pred), "macro_f1": metrics.macro_f1(gold, pred),
+            "accuracy_by_calibration": {cal.value: metrics.accuracy(gold, p) for cal, p in preds.items()},
+            "texts_per_s": round(len(gold) / max(seconds, 1e-9), 3)}
 
 
 def classification_labels(cfg: EvaluateConfig, meta: dict[str, Any]) -> list[str]:
@@ -254,11 +296,13 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
         print(f"translate: BLEU {r['bleu']:.2f}  chrF {r['chrf']:.2f}")
     if cfg.classify:
         labels = classification_labels(cfg, served.meta)
-        results["classify"] = eval_classify(engine, tok, cfg.classify, cfg.limit, labels, cfg.classify_candidates,
-                                            cfg.seed)
+        classifier = Classifier(engine, tok, cfg.classify_list_labels)
+        results["classify"] = eval_classify(classifier, cfg.classify, cfg.limit, labels, cfg.classify_candidates,
+                                            cfg.seed, tasks.Calibration(cfg.classify_calibration))
         r = results["classify"]
         print(f"classify: accuracy {r['accuracy']:.4f}  macro-F1 {r['macro_f1']:.4f} over {r['examples']} examples, "
-              f"{r['candidates_per_example']} candidate labels each")
+              f"{r['candidates_per_example']} candidate labels each ({r['calibration']}); by calibration: "
+              f"{r['accuracy_by_calibration']}")
     report = {"checkpoint": str(path), "adapter": cfg.adapter or None, "device": str(device), "config": config_dict(cfg), "results": results,
               "seconds": round(time.perf_counter() - t0, 1)}
     out = Path(cfg.out_dir)

@@ -100,7 +100,7 @@ def _task_messages(build: Any, texts: list[str], *args: Any) -> list[list[dict[s
     try:
         return [build(text, *args) for text in texts]
     except tasks.TaskError as exc:
-        raise InvalidRequest(str(exc), param="text") from None
+        raise InvalidRequest(str(exc), param=exc.param) from None
 
 
 @router.post("/summarize", response_model=TextResponse | TextBatchResponse, responses=ERROR_RESPONSES)
@@ -115,11 +115,7 @@ async def summarize(body: SummarizeRequest, request: Request, svc: Service = Dep
 async def translate(body: TranslateRequest, request: Request, svc: Service = Depends(get_service)) -> Any:
     texts, is_batch = as_list(body.text)
     check_batch(texts, svc.limits, "text")
-    try:
-        messages = [tasks.translate_messages(t, body.target_lang, body.source_lang) for t in texts]
-    except tasks.TaskError as exc:
-        param = "text" if "text" in str(exc) else "target_lang"
-        raise InvalidRequest(str(exc), param=param) from None
+    messages = _task_messages(tasks.translate_messages, texts, body.target_lang, body.source_lang)
     return await _text_task(request, svc, body, texts, is_batch, messages, "translate")
 
 
@@ -131,15 +127,19 @@ async def classify(body: ClassifyRequest, request: Request, svc: Service = Depen
     or the head's adapter named by `model`, the head answers (softmax over its labels; one shallow
     forward per text) and `model` in the response names it; `model` = the base model forces zero-shot.
     Otherwise labels are ranked by the log-likelihood of the model answering each label to the
-    `model.tasks` classify prompt. Single-label: softmax over labels, scores sum to 1.
-    `multi_label`: each label scored on its own as exp(mean token log-probability) of its
-    answer — in (0, 1], not normalized across labels; `labels` lists those >= `threshold`."""
+    `model.tasks` classify prompt, calibrated against each label's content-free prior; the order
+    of `labels` never matters. Single-label: softmax over labels, scores sum to 1.
+    `multi_label`: each label scored on its own, in (0, 1) (0.5: the text makes the label no
+    likelier than an empty text does); `labels` lists those >= `threshold`. Optional
+    `descriptions` and few-shot `examples` per label go into the prompt."""
     texts, is_batch = as_list(body.text)
     for text in texts:  # refused by its characters before the service tokenizes it
-        svc.prompts.check([text, *(body.labels or [])], "text")
+        svc.prompts.check([text, *(body.labels or []), *(body.descriptions or {}).values(),
+                           *(t for shots in (body.examples or {}).values() for t in shots)], "text")
     check_batch(texts, svc.limits, "text")
     scored = await svc.classify(request, texts, body.labels, body.multi_label, body.threshold,
-                                body.label_set, model=body.model)
+                                body.label_set, model=body.model, descriptions=body.descriptions,
+                                examples=body.examples)
     served = scored[0].model or svc.model_name
     items = [ClassifyItem(label=s.label, labels=s.labels,
                           scores=[LabelScore(label=lab, score=p) for lab, p in s.scores],
