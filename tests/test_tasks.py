@@ -31,15 +31,13 @@ def client(app_checkpoint: Path) -> Iterator[TestClient]:  # noqa: F811
 class RecordingClient:
     """Stands in for app.engine_client.EngineClient: records the scoring jobs, answers fixed scores."""
 
-    engine = None
-
     def __init__(self) -> None:
         self.jobs: list[tuple[list[int], list[list[int]]]] = []
 
     def reserve(self, n: int) -> contextlib.nullcontext[None]:
         return contextlib.nullcontext()
 
-    async def call(self, fn: Any, engine: Any, jobs: list[tuple[list[int], list[list[int]]]]) -> list[list[float]]:
+    async def score_each(self, jobs: list[tuple[list[int], list[list[int]]]]) -> list[list[float]]:
         self.jobs += jobs
         return [[-float(i + 1) for i in range(len(conts))] for _, conts in jobs]
 
