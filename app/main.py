@@ -93,19 +93,15 @@ class AppState:
 
 def load_model(settings: ServerSettings) -> Loaded:
     """Checkpoint -> LLMEngine on the right device and dtype (runs in a worker thread)."""
-    import torch
 
+    from model.device import resolve_device, resolve_dtype
     from model.engine import LLMEngine
     from model.inference import load_for_serving
 
-    device = settings.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype_name = settings.dtype
-    if dtype_name == "auto":
-        dtype_name = "bfloat16" if device.startswith("cuda") else "float32"
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
     path = settings.resolve_checkpoint()
-    served = load_for_serving(path, device=device, dtype=getattr(torch, dtype_name), quantize=settings.quantize)
+    served = load_for_serving(path, device=device, dtype=dtype, quantize=settings.quantize)
     max_model_len = min(settings.max_model_len, served.model.config.max_seq_len)
     if max_model_len < settings.max_model_len:
         log.warning("max_model_len %d lowered to the model's max_seq_len %d", settings.max_model_len,

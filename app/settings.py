@@ -155,11 +155,9 @@ class ServerSettings(BaseSettings):
 
     def resolve_checkpoint(self) -> Path:
         """The checkpoint directory; fetches and converts the default model when none is set."""
-        if self.checkpoint:
-            return Path(self.checkpoint)
-        from model.convert import ensure_default_model  # heavy import, only when needed
+        from model.checkpoint import resolve_checkpoint  # heavy import, only when needed
 
-        return Path(ensure_default_model())
+        return resolve_checkpoint(self.checkpoint)
 
     @classmethod
     def env_names(cls) -> dict[str, str]:

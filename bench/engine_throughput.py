@@ -19,9 +19,8 @@ import time
 import torch
 
 from bench.workload import LOAD_PROMPTS, median, percentile
-from model.checkpoint import load_checkpoint
+from model.checkpoint import load_checkpoint, resolve_checkpoint
 from model.config import QUANTIZATIONS
-from model.convert import ensure_default_model
 from model.engine import EngineConfig, LLMEngine
 from model.generate import generate
 from model.inference import load_for_serving
@@ -100,7 +99,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    path = a.checkpoint or ensure_default_model()
+    path = resolve_checkpoint(a.checkpoint)
     dtype = DTYPES[a.dtype]
     served = load_for_serving(path, dtype=dtype, quantize=a.quantize)
     tok = served.tokenizer

@@ -19,8 +19,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench.workload import LOAD_PROMPTS
+from model.checkpoint import resolve_checkpoint
 from model.config import QUANTIZATIONS
-from model.convert import ensure_default_model
 from model.engine import EngineConfig, LLMEngine
 from model.inference import load_for_serving
 from model.sampling import SamplingParams
@@ -68,7 +68,7 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,16")
     ap.add_argument("--steps", type=int, default=20)
     a = ap.parse_args()
-    served = load_for_serving(a.checkpoint or ensure_default_model(), dtype=getattr(torch, a.dtype),
+    served = load_for_serving(resolve_checkpoint(a.checkpoint), dtype=getattr(torch, a.dtype),
                               quantize=a.quantize)
     model = served.model
     print(f"# decode-step profile: {a.dtype}{', ' + a.quantize if a.quantize else ''}, "

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
+from model.checkpoint import resolve_checkpoint
 from model.config import QUANTIZATIONS
-from model.convert import ensure_default_model
 from model.engine import EngineConfig, LLMEngine
 from model.inference import load_for_serving
 from model.sampling import SamplingParams
@@ -73,7 +73,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=4096, help="tokens of text to score")
     ap.add_argument("--variants", default="fp32,auto,q4,int8,w8a8,bf16,bf16+int8")
     a = ap.parse_args()
-    path = a.checkpoint or ensure_default_model()
+    path = resolve_checkpoint(a.checkpoint)
     tok = Tokenizer.load(Path(path))
     ids = tok.encode(read_text(Path(a.text)))[:a.max_tokens]
     refs = json.loads(REFERENCE.read_text())["prompts"]

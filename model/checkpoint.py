@@ -38,6 +38,22 @@ class CheckpointError(RuntimeError):
     """A checkpoint directory that cannot be loaded; the message is one line and says what to do."""
 
 
+DEFAULT = "default"  # the converted SmolLM2-135M-Instruct, fetched on first use (model/convert.py)
+
+
+def resolve_checkpoint(spec: str | Path | None) -> Path:
+    """The one reading of a checkpoint argument: None, '' or 'default' -> the default model (fetched
+    and converted on first use); anything else is a directory that must exist."""
+    if spec is None or str(spec) in ("", DEFAULT):
+        from model.convert import ensure_default_model  # heavy (network, conversion); only when needed
+
+        return Path(ensure_default_model())
+    path = Path(spec)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist (a checkpoint directory, or {DEFAULT!r})")
+    return path
+
+
 @dataclass
 class Checkpoint:
     model: Transformer

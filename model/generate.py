@@ -41,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import argparse
     import sys
 
-    from model.checkpoint import CheckpointError, load_checkpoint
+    from model.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
     from model.sampling import SamplingError
     from model.tokenizer import render_chat
 
@@ -57,13 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
-        if args.checkpoint is None:
-            from model.convert import ensure_default_model
-
-            path = ensure_default_model()
-        else:
-            path = args.checkpoint
-        ckpt = load_checkpoint(path)
+        ckpt = load_checkpoint(resolve_checkpoint(args.checkpoint))
     except (SamplingError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from model import tasks
+from model.device import resolve_device
 from training.common import (
     MetricsLog,
     TrainingError,
@@ -41,7 +42,6 @@ from training.common import (
     field,
     lr_at,
     make_optimizer,
-    resolve_device,
     rng_state,
     run_job,
     seed_everything,
@@ -51,7 +51,7 @@ from training.common import (
     write_json,
 )
 from training.data import DataError, SFTExample, render_example, task_messages
-from training.finetune import Source, fit_chat, load_sources, parse_source, resolve_init
+from training.finetune import Source, fit_chat, load_sources, parse_source
 from training.packing import DocumentAttention, PackedBatch, PackedStream, collate
 
 SHARED = "../shared/data"
@@ -405,15 +405,15 @@ def publish(run: Run, st: RunState, base_dir: Path, info: dict[str, Any], finish
 
 # ---------------------------------------------------------------------------- the job
 def main(cfg: AdaptConfig) -> dict[str, Any]:
-    from model.checkpoint import CheckpointError, load_checkpoint
+    from model.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
 
     set_threads(cfg.threads)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    base_dir = resolve_init(cfg.init_from)
     try:
+        base_dir = resolve_checkpoint(cfg.init_from)
         ckpt = load_checkpoint(base_dir, device=device, dtype=torch.float32)
     except CheckpointError as e:
         raise TrainingError(str(e)) from e

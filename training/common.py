@@ -25,6 +25,9 @@ from typing import Any, TypeVar
 
 import torch
 
+from model.checkpoint import CheckpointError
+from model.device import DeviceError
+
 C = TypeVar("C")
 log = logging.getLogger(__name__)
 
@@ -141,7 +144,7 @@ def run_job(main: Any, cls: type[C], presets: Mapping[str, Mapping[str, Any]], a
     try:
         cfg = parse_config(cls, presets, argv, prog=prog, description=description)
         main(cfg)
-    except TrainingError as e:
+    except (TrainingError, DeviceError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
@@ -152,14 +155,6 @@ def config_dict(cfg: Any) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- devices and seeds
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainingError(f"device {name!r} requested but CUDA is not available")
-    return torch.device(name)
-
-
 def set_threads(n: int) -> None:
     """Intra-op CPU threads (0 = torch's default). On a shared CPU, 1 thread avoids OpenMP threads
     spinning against other processes: tiny models run ~10x faster that way."""

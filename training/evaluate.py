@@ -31,12 +31,12 @@ from typing import Any
 import torch
 
 from model import tasks
+from model.device import resolve_device
 from training import metrics
 from training.common import (
     TrainingError,
     config_dict,
     field,
-    resolve_device,
     run_job,
     set_threads,
     write_json,
@@ -199,14 +199,18 @@ class Classifier:
 
 
 def eval_classify(classifier: Classifier, path: str, limit: int, labels: list[str], candidates: int,
-                  seed: int, calibration: tasks.Calibration) -> dict[str, Any]:
+                  seed: int, calibration: tasks.Calibration, log: Path | None = None) -> dict[str, Any]:
     """Accuracy and macro-F1 of `calibration`, plus the accuracy of every calibration on the same
-    log-likelihoods (to choose one on a validation split at the cost of one)."""
+    log-likelihoods (to choose one on a validation split at the cost of one). `log` gets one JSON line
+    per example as it is scored (gold and each calibration's prediction), so a long run that is
+    stopped early still shows what it measured."""
     recs = _records(path, limit, seed)
     rng = random.Random(seed)
+    rng.shuffle(recs)  # label-sorted files: any prefix of the log is then a fair sample too
     gold: list[str] = []
     preds: dict[tasks.Calibration, list[str]] = {cal: [] for cal in tasks.Calibration}
     skipped, t0 = 0, time.perf_counter()
+    sink = log.open("w", encoding="utf-8") if log else None
     for r in recs:
         spec = classifier.spec(candidate_labels(str(r["label"]), labels, candidates, rng))
         try:
@@ -218,6 +222,11 @@ def eval_classify(classifier: Classifier, path: str, limit: int, labels: list[st
         for cal in tasks.Calibration:
             probs = tasks.label_probabilities(ll, lengths, prior, cal)
             preds[cal].append(tasks.rank_labels(spec.labels, probs)[0][0])
+        if sink:
+            sink.write(json.dumps({"gold": gold[-1], **{c.value: p[-1] for c, p in preds.items()}}) + "\n")
+            sink.flush()
+    if sink:
+        sink.close()
     seconds = time.perf_counter() - t0
     pred = preds[tasks.Calibration(calibration)]
     return {"examples": len(gold), "skipped_too_long": skipped, "labels": len(labels),
@@ -258,18 +267,14 @@ def markdown(report: dict[str, Any]) -> str:
 
 def main(cfg: EvaluateConfig) -> dict[str, Any]:
     from model.adapters import AdapterError
-    from model.checkpoint import CheckpointError
+    from model.checkpoint import CheckpointError, resolve_checkpoint
     from model.engine import EngineConfig, LLMEngine
     from model.inference import load_for_serving
 
     set_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    path = Path(cfg.checkpoint)
-    if cfg.checkpoint == "default":
-        from model.convert import ensure_default_model
-
-        path = Path(ensure_default_model())
     try:
+        path = resolve_checkpoint(cfg.checkpoint)
         served = load_for_serving(path, device=device, dtype=torch.float32,
                                   adapters=[cfg.adapter] if cfg.adapter else None)
     except (CheckpointError, AdapterError) as e:
@@ -297,8 +302,10 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
     if cfg.classify:
         labels = classification_labels(cfg, served.meta)
         classifier = Classifier(engine, tok, cfg.classify_list_labels)
+        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
         results["classify"] = eval_classify(classifier, cfg.classify, cfg.limit, labels, cfg.classify_candidates,
-                                            cfg.seed, tasks.Calibration(cfg.classify_calibration))
+                                            cfg.seed, tasks.Calibration(cfg.classify_calibration),
+                                            Path(cfg.out_dir) / "classify_examples.jsonl")
         r = results["classify"]
         print(f"classify: accuracy {r['accuracy']:.4f}  macro-F1 {r['macro_f1']:.4f} over {r['examples']} examples, "
               f"{r['candidates_per_example']} candidate labels each ({r['calibration']}); by calibration: "

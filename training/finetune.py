@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from model import tasks
+from model.device import resolve_device
 from training.common import (
     MetricsLog,
     TrainingError,
@@ -38,7 +39,6 @@ from training.common import (
     lr_at,
     make_optimizer,
     plot_loss_curve,
-    resolve_device,
     run_job,
     seed_everything,
     set_lr,
@@ -252,17 +252,6 @@ def validate(model: torch.nn.Module, examples: list[SFTExample], batch_size: int
     return total / max(count, 1.0)
 
 
-def resolve_init(init_from: str) -> Path:
-    if init_from == "default":
-        from model.convert import ensure_default_model
-
-        return Path(ensure_default_model())
-    path = Path(init_from)
-    if not path.exists():
-        raise TrainingError(f"--init_from {path} does not exist (a checkpoint dir, or 'default')")
-    return path
-
-
 def save(cfg: FinetuneConfig, model: torch.nn.Module, tokenizer: Any, meta: dict[str, Any]) -> None:
     """Each save is its own version (out_dir/checkpoint.versions/step_N); only the final one is
     published as out_dir/checkpoint, so what a server loads from there never changes mid-run. Kept
@@ -280,7 +269,7 @@ def save(cfg: FinetuneConfig, model: torch.nn.Module, tokenizer: Any, meta: dict
 def main(cfg: FinetuneConfig) -> dict[str, Any]:
     from tqdm import tqdm
 
-    from model.checkpoint import CheckpointError, load_checkpoint
+    from model.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
 
     set_threads(cfg.threads)
     seed_everything(cfg.seed)
@@ -290,8 +279,8 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
     write_json(out_dir / "config.json", config_dict(cfg))
 
     # 1. model + data
-    init_dir = resolve_init(cfg.init_from)
     try:
+        init_dir = resolve_checkpoint(cfg.init_from)
         ckpt = load_checkpoint(init_dir, device=device, dtype=torch.float32)
     except CheckpointError as e:
         raise TrainingError(str(e)) from e

@@ -206,10 +206,10 @@ class Extractor:
     and leave an unbiased sample (length-sorted batching happens within a chunk)."""
 
     def __init__(self, cfg: HeadConfig, spec: Any, base_id: dict[str, Any]) -> None:
-        from model.checkpoint import CheckpointError, load_checkpoint
+        from model.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
 
         try:
-            ckpt = load_checkpoint(resolve_base(cfg.base), dtype=torch.bfloat16 if cfg.bf16 else torch.float32)
+            ckpt = load_checkpoint(resolve_checkpoint(cfg.base), dtype=torch.bfloat16 if cfg.bf16 else torch.float32)
         except CheckpointError as e:
             raise TrainingError(str(e)) from e
         self.model, self.tokenizer, self.cfg, self.spec, self.base_id = ckpt.model, ckpt.tokenizer, cfg, spec, base_id
@@ -244,16 +244,6 @@ class Extractor:
         return out
 
 
-def resolve_base(base: str) -> Path:
-    if base == "default":
-        from model.convert import ensure_default_model
-
-        return Path(ensure_default_model())
-    path = Path(base)
-    if not path.is_dir():
-        raise TrainingError(f"--base {path} is not a directory (a checkpoint dir, or 'default')")
-    return path
-
 
 # ---------------------------------------------------------------------------- the job
 def choose_l2(x: torch.Tensor, y: torch.Tensor, train_idx: list[int], val_idx: list[int], n_labels: int,
@@ -271,6 +261,7 @@ def choose_l2(x: torch.Tensor, y: torch.Tensor, train_idx: list[int], val_idx: l
 def main(cfg: HeadConfig) -> dict[str, Any]:
     from tqdm import tqdm
 
+    from model.checkpoint import resolve_checkpoint
     from model.features import FeatureError, FeatureSpec
     from model.head import HeadInfo, base_identity, save_head
 
@@ -290,7 +281,7 @@ def main(cfg: HeadConfig) -> dict[str, Any]:
         keep = sorted(random.Random(cfg.seed).sample(range(len(test_texts)), cfg.max_test))
         test_texts, test_y = [test_texts[i] for i in keep], [test_y[i] for i in keep]
     # 2. features (validation first so a time budget can only shorten the training part)
-    base_dir = resolve_base(cfg.base)
+    base_dir = resolve_checkpoint(cfg.base)  # CheckpointError: run_job prints it as one line
     base_id = base_identity(base_dir)
     ext = Extractor(cfg, spec, base_id)
     try:

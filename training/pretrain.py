@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from model.config import ModelConfig, preset
+from model.device import resolve_device
 from model.transformer import Transformer
 from training.common import (
     MetricsLog,
@@ -38,7 +39,6 @@ from training.common import (
     lr_at,
     make_optimizer,
     plot_loss_curve,
-    resolve_device,
     rng_state,
     run_job,
     seed_everything,
