@@ -167,7 +167,7 @@ class Calibration(str, Enum):
 PRIOR_CALIBRATIONS = (Calibration.PRIOR, Calibration.PRIOR_MEAN)
 # what the server uses; chosen on validation splits (docs/classify.md, `bench.zero_shot`)
 DEFAULT_CALIBRATION = Calibration.PRIOR_MEAN
-DEFAULT_LIST_LABELS = True
+DEFAULT_LIST_LABELS = False
 
 
 def label_text(label: str) -> str:
