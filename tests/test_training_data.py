@@ -77,8 +77,7 @@ def test_classify_example_uses_the_shared_prompt_and_answer() -> None:
     labels = [f"l{i}" for i in range(20)]
     rng = random.Random(0)
     msgs = task_messages(tasks.CLASSIFY, {"text": "hello", "label": "l7"}, labels, 5, rng)
-    assert msgs[:-1] == tasks.classify_messages("hello", [line[2:] for line in msgs[0]["content"].splitlines()
-                                                          if line.startswith("- ")])
+    assert msgs[:-1] == tasks.classify_messages("hello", candidate_labels("l7", labels, 5, random.Random(0)))
     assert msgs[-1] == {"role": "assistant", "content": tasks.classify_answer("l7")}
     cands = candidate_labels("l7", labels, 5, random.Random(1))
     assert len(cands) == 5 and "l7" in cands and len(set(cands)) == 5
