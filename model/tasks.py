@@ -167,7 +167,7 @@ class Calibration(str, Enum):
 PRIOR_CALIBRATIONS = (Calibration.PRIOR, Calibration.PRIOR_MEAN)
 # what the server uses; chosen on validation splits (docs/classify.md, `bench.zero_shot`)
 DEFAULT_CALIBRATION = Calibration.PRIOR_MEAN
-DEFAULT_LIST_LABELS = False
+LIST_LABELS_UP_TO = 0  # the prompt names the labels when there are at most this many (else: only their answers)
 
 
 def label_text(label: str) -> str:
@@ -185,13 +185,14 @@ class ClassifySpec:
     labels: tuple[str, ...]
     descriptions: tuple[tuple[str, str], ...] = ()  # (label, description), label order
     examples: tuple[tuple[str, str], ...] = ()  # (label, text), label order
-    list_labels: bool = DEFAULT_LIST_LABELS  # name every label in the prompt (else: descriptions/examples only)
+    list_labels: bool = False  # name every label in the prompt (else: described labels only)
 
     @classmethod
     def build(cls, labels: Sequence[str], descriptions: Mapping[str, str] | None = None,
               examples: Mapping[str, Sequence[str]] | None = None,
-              list_labels: bool = DEFAULT_LIST_LABELS) -> ClassifySpec:
-        """Validate and canonicalise; TaskError names the field at fault."""
+              list_labels: bool | None = None) -> ClassifySpec:
+        """Validate and canonicalise; TaskError names the field at fault. `list_labels` None: name
+        the labels in the prompt when there are at most LIST_LABELS_UP_TO of them."""
         clean = sorted(str(label).strip() for label in labels)
         if not clean or any(not label for label in clean):
             raise TaskError("labels must be a non-empty list of non-empty strings", "labels")
@@ -212,7 +213,8 @@ class ClassifySpec:
         if sum(len(v) for v in shots.values()) > MAX_EXAMPLES:
             raise TaskError(f"at most {MAX_EXAMPLES} examples in all", "examples")
         return cls(tuple(clean), tuple((lab, desc[lab]) for lab in clean if lab in desc),
-                   tuple((lab, t) for lab in clean for t in sorted(shots.get(lab, ()))), list_labels)
+                   tuple((lab, t) for lab in clean for t in sorted(shots.get(lab, ()))),
+                   len(clean) <= LIST_LABELS_UP_TO if list_labels is None else list_labels)
 
     def messages(self, text: str) -> list[Message]:
         """The prompt for one text; the expected assistant answer is `classify_answer(label)`."""

@@ -143,6 +143,11 @@ def test_classify_spec_is_canonical_and_names_the_bad_field() -> None:
     random.Random(3).shuffle(shuffled)
     assert tasks.ClassifySpec.build(shuffled) == tasks.ClassifySpec.build(LABELS)
     assert tasks.ClassifySpec.build(LABELS).labels == tuple(sorted(LABELS))
+    few, many = ["a", "b"], [f"l{i}" for i in range(tasks.LIST_LABELS_UP_TO + 1)]
+    assert tasks.ClassifySpec.build(few).list_labels == (len(few) <= tasks.LIST_LABELS_UP_TO)
+    assert not tasks.ClassifySpec.build(many).list_labels
+    assert "- a\n- b" in tasks.ClassifySpec.build(few, list_labels=True).messages("x")[0]["content"]
+    assert "- a" not in tasks.ClassifySpec.build(few, list_labels=False).messages("x")[0]["content"]
     for labels, kwargs, param in [([], {}, "labels"), (["a", "a"], {}, "labels"), (["a_b", "a b"], {}, "labels"),
                                   (["a"], {"descriptions": {"b": "x"}}, "descriptions"),
                                   (["a"], {"examples": {"a": ["x"] * 65}}, "examples")]:

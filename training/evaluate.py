@@ -44,6 +44,7 @@ from training.common import (
 from training.data import candidate_labels, iter_jsonl, read_labels, read_shard, task_messages
 
 SHARED = "../shared/data"
+LIST_LABELS = {"auto": None, "yes": True, "no": False}  # --classify_list_labels
 
 
 @dataclass
@@ -60,7 +61,8 @@ class EvaluateConfig:
     classify_candidates: int = field(0, help="candidates per example: gold + k-1 random others (0 = all labels)")
     classify_calibration: str = field(tasks.DEFAULT_CALIBRATION.value, help="label score calibration: "
                                       + ", ".join(c.value for c in tasks.Calibration) + " (model/tasks.py)")
-    classify_list_labels: bool = field(tasks.DEFAULT_LIST_LABELS, help="name every label in the classify prompt")
+    classify_list_labels: str = field("auto", help="name every label in the classify prompt: yes, no, or auto "
+                                      "(as the server: when there are at most model.tasks.LIST_LABELS_UP_TO)")
     limit: int = field(200, help="examples per task (a seeded random sample of N; 0 = all)")
     max_new_tokens: int = field(64, help="generation budget for summarize / translate")
     ppl_window: int = field(256, help="tokens per perplexity window")
@@ -171,7 +173,7 @@ class Classifier:
 
     engine: Any
     tokenizer: Any
-    list_labels: bool = tasks.DEFAULT_LIST_LABELS
+    list_labels: bool | None = None  # None: as the server (model.tasks.LIST_LABELS_UP_TO)
     priors: dict[tasks.ClassifySpec, list[float]] = dataclasses.field(default_factory=dict)
 
     def spec(self, labels: list[str]) -> tasks.ClassifySpec:
@@ -301,7 +303,9 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
         print(f"translate: BLEU {r['bleu']:.2f}  chrF {r['chrf']:.2f}")
     if cfg.classify:
         labels = classification_labels(cfg, served.meta)
-        classifier = Classifier(engine, tok, cfg.classify_list_labels)
+        if cfg.classify_list_labels not in LIST_LABELS:
+            raise TrainingError(f"--classify_list_labels must be one of {sorted(LIST_LABELS)}")
+        classifier = Classifier(engine, tok, LIST_LABELS[cfg.classify_list_labels])
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
         results["classify"] = eval_classify(classifier, cfg.classify, cfg.limit, labels, cfg.classify_candidates,
                                             cfg.seed, tasks.Calibration(cfg.classify_calibration),
