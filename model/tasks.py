@@ -165,7 +165,7 @@ class Calibration(str, Enum):
 
 
 PRIOR_CALIBRATIONS = (Calibration.PRIOR, Calibration.PRIOR_MEAN)
-# what the server uses; chosen on validation splits (docs/classify.md, `bench.zero_shot`)
+# what the server uses; chosen on validation splits with `training.evaluate` (docs/classify.md)
 DEFAULT_CALIBRATION = Calibration.PRIOR_MEAN
 LIST_LABELS_UP_TO = 0  # the prompt names the labels when there are at most this many (else: only their answers)
 
