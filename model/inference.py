@@ -11,12 +11,14 @@ InferenceModel is a frozen serving copy of it, one class per forward:
     (fp32/bf16/fp16), Int8Linear (int8) or W8A8Linear (w8a8, after SmoothQuant): model/quant/;
   * `model.native_q4.NativeQ4Model` — q4 blocks, the whole forward in one native call.
 Every variant is built from a Transformer, so a LoRA adapter (model/adapters.py) is merged into its
-weights before building — any variant serves it; per-request adapters (several at once, low-rank
-updates carried by the projections) are the next step and are refused until then.
+weights before building — any variant serves it (q4: merged, then repacked). Several adapters at once
+are served as one such model each, built by `adapt_for_serving` from the loaded base and run side by
+side on one engine and one KV cache (model/engine/adapter_set.py); `load_for_serving` merges at most one.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,7 +29,7 @@ import torch
 from torch import nn
 
 from model import native
-from model.adapters import load_merged
+from model.adapters import check_base, load_merged, merge_adapter, read_adapter
 from model.checkpoint import load_checkpoint
 from model.config import QUANTIZATIONS, ModelConfig
 from model.eager import EagerModel
@@ -82,6 +84,7 @@ class Served:
     tokenizer: Tokenizer
     meta: dict[str, Any]
     path: Path
+    transformer: Transformer  # what `model` was built from (it shares its weights): the base for adapters
 
 
 def load_for_serving(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
@@ -94,7 +97,18 @@ def load_for_serving(path: str | Path, device: str | torch.device = "cpu", dtype
     for adapter in adapters or []:
         load_merged(path, adapter, ckpt.model)  # the Transformer is ours: merge in place
     model = prepare_for_serving(ckpt.model, quantize, ckpt.tokenizer)
-    return Served(model=model, tokenizer=ckpt.tokenizer, meta=ckpt.meta, path=ckpt.path)
+    return Served(model=model, tokenizer=ckpt.tokenizer, meta=ckpt.meta, path=ckpt.path, transformer=ckpt.model)
+
+
+def adapt_for_serving(served: Served, adapter_dir: str | Path) -> InferenceModel:
+    """The serving model of `served`'s checkpoint with the LoRA adapter at `adapter_dir` merged in, in
+    the same variant (quantization, dtype, device) as `served.model`, so both can share one engine.
+    AdapterError if the adapter cannot be read or does not fit the base. Safe off the engine thread:
+    it merges into a copy and leaves `served` untouched."""
+    adapter = read_adapter(adapter_dir)
+    check_base(adapter, served.path)
+    model = merge_adapter(copy.deepcopy(served.transformer), adapter)
+    return prepare_for_serving(model, served.model.capabilities.quantization, served.tokenizer)
 
 
 def prepare_for_serving(model: Transformer, quantize: str | None = "none", tokenizer: Tokenizer | None = None

@@ -4,6 +4,7 @@ Sequence (state) -> Scheduler + CacheManager (plain-Python bookkeeping) -> Model
 -> LLMEngine (the API: add_request, step, abort, has_unfinished, generate, score, stats).
 """
 
+from model.engine.adapter_set import UnknownAdapter
 from model.engine.llm_engine import (
     EngineConfig,
     EngineError,
@@ -16,5 +17,5 @@ from model.engine.sequence import FinishReason, RequestOutput, SequenceStatus, T
 
 __all__ = [
     "EngineConfig", "EngineError", "EngineStats", "FinishReason", "LLMEngine", "PromptTooLong",
-    "RequestOutput", "RequestRejected", "SequenceStatus", "TokenLogprob",
+    "RequestOutput", "RequestRejected", "SequenceStatus", "TokenLogprob", "UnknownAdapter",
 ]

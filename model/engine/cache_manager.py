@@ -5,6 +5,8 @@ tokens whose K/V it holds even after its sequence finishes, so a new prompt that
 tokens (a customer-service bot's long system prompt) reuses them instead of recomputing them:
   * a free slot whose tokens share a prefix with the prompt is handed over as is;
   * a prefix held by a busy slot is copied into the new slot (`AllocatedSlot.copy_from`).
+Prefixes are matched only between sequences of the same model (`key`: a base model or an adapter's
+merged weights give the same tokens different K/V).
 A paged cache could replace this class without touching the scheduler.
 """
 
@@ -36,6 +38,7 @@ class CacheManager:
         self.min_prefix = min_prefix  # shorter matches are not worth a copy
         self._free: list[int] = list(range(n_slots))
         self._contents: list[list[int]] = [[] for _ in range(n_slots)]  # valid K/V token ids per slot
+        self._keys: list[int] = [0] * n_slots  # the model whose K/V each slot holds
         self.prefix_hits = 0
         self.prefix_misses = 0
         self.prefix_tokens_reused = 0
@@ -51,7 +54,8 @@ class CacheManager:
     def can_allocate(self) -> bool:
         return bool(self._free)
 
-    def allocate(self, prompt_ids: list[int]) -> AllocatedSlot:
+    def allocate(self, prompt_ids: list[int], key: int = 0) -> AllocatedSlot:
+        """A slot for a sequence of model `key`, with the longest reusable prefix of `prompt_ids`."""
         assert self._free, "allocate() without a free slot"
         # at least one prompt token is always computed: its logits give the first output token
         limit = len(prompt_ids) - 1
@@ -60,7 +64,7 @@ class CacheManager:
         if self.enable_prefix_caching and limit > 0:
             free = set(self._free)
             for slot, tokens in enumerate(self._contents):
-                n = common_prefix(tokens, prompt_ids, limit)
+                n = common_prefix(tokens, prompt_ids, limit) if self._keys[slot] == key else 0
                 if slot in free and n > best_free_len:
                     best_free, best_free_len = slot, n
                 elif slot not in free and n > best_busy_len:
@@ -83,6 +87,7 @@ class CacheManager:
             else:
                 self.prefix_misses += 1
         self._contents[result.slot] = list(prompt_ids[:result.cached_tokens])
+        self._keys[result.slot] = key
         return result
 
     def record(self, slot: int, tokens: list[int]) -> None:

@@ -116,7 +116,10 @@ class LLMEngine:
                  config.max_model_len, need / 2**20, model.capabilities.path, model.cache_dtype, model.device)
 
     # ------------------------------------------------------------------------------ requests
-    def add_request(self, request_id: str, prompt_ids: Seq[int], params: SamplingParams) -> None:
+    def add_request(self, request_id: str, prompt_ids: Seq[int], params: SamplingParams,
+                    adapter: str | None = None) -> None:
+        """Queue a request; `adapter` names a served LoRA adapter (add_adapter), None the base model.
+        Raises UnknownAdapter, RequestRejected, PromptTooLong or SamplingError (nothing is queued)."""
         prompt_ids = list(prompt_ids)
         if request_id in self._seqs:
             raise RequestRejected(f"request id {request_id!r} is already in use")
@@ -132,7 +135,8 @@ class LLMEngine:
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self._base_stop_ids)
         detok = IncrementalDetokenizer(self.tokenizer.token_bytes, params.stop) if self.tokenizer else None
         seq = Sequence(request_id, prompt_ids, params, stop_ids, make_generator(params, self.runner.device),
-                       detok, constraint=self._constraint(params, stop_ids))
+                       detok, constraint=self._constraint(params, stop_ids),
+                       adapter=self.runner.adapters.acquire(adapter))
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
 
@@ -151,7 +155,7 @@ class LLMEngine:
         seq = self._seqs.pop(request_id, None)
         if seq is None:
             return None
-        self.scheduler.finish(seq)
+        self._finish(seq)
         seq.finish_reason = FinishReason.ABORT
         return self._output(seq, [], "", None)
 
@@ -193,9 +197,13 @@ class LLMEngine:
         if seq.finish_reason is not None:
             if seq.detokenizer is not None:
                 delta += seq.detokenizer.flush()
-            self.scheduler.finish(seq)
+            self._finish(seq)
             del self._seqs[seq.request_id]
         return self._output(seq, [token], delta, stop_reason)
+
+    def _finish(self, seq: Sequence) -> None:
+        self.scheduler.finish(seq)
+        self.runner.adapters.release(seq.adapter)
 
     def _output(self, seq: Sequence, new_ids: list[int], delta: str, stop_reason: str | int | None
                 ) -> RequestOutput:
@@ -226,14 +234,38 @@ class LLMEngine:
                     final[out.request_id] = out
         return [final[rid] for rid in ids]
 
-    def score(self, prompt_ids: list[int], continuations: list[list[int]]) -> list[float]:
-        """Sum of log p(continuation | prompt) for each continuation (ranks /classify labels)."""
+    def score(self, prompt_ids: list[int], continuations: list[list[int]], adapter: str | None = None
+              ) -> list[float]:
+        """Sum of log p(continuation | prompt) for each continuation (ranks /classify labels), under
+        `adapter` (None: the base model)."""
         if not prompt_ids or any(not c for c in continuations):
             raise RequestRejected("scoring needs a non-empty prompt and non-empty continuations")
         longest = len(prompt_ids) + max(len(c) for c in continuations)
         if longest > self.config.max_model_len:
             raise PromptTooLong(longest, self.config.max_model_len + 1)
-        return self.runner.score(prompt_ids, continuations)
+        key = self.runner.adapters.acquire(adapter)
+        try:
+            return self.runner.score(prompt_ids, continuations, key=key)
+        finally:
+            self.runner.adapters.release(key)
+
+    # ----------------------------------------------------------------------------- adapters
+    def add_adapter(self, name: str, model: InferenceModel) -> None:
+        """Serve `model` (the base merged with a LoRA adapter, model.inference.adapt_for_serving) as
+        `name`; a later request naming it runs on it, in the same steps as every other model's. An
+        adapter already served under `name` is replaced for new requests; running ones finish on it."""
+        self.runner.adapters.add(name, model)
+        log.info("adapter %s: serving (%d adapters)", name, len(self.runner.adapters.names()))
+
+    def remove_adapter(self, name: str) -> bool:
+        """Stop serving `name` to new requests (running ones finish); False if it was not served."""
+        removed = self.runner.adapters.remove(name)
+        if removed:
+            log.info("adapter %s: removed", name)
+        return removed
+
+    def adapter_names(self) -> list[str]:
+        return self.runner.adapters.names()
 
     def stats(self) -> EngineStats:
         running = self.scheduler.running

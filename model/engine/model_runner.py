@@ -1,10 +1,15 @@
-"""ModelRunner: the only engine part that touches tensors — owns the model and the KV cache, packs a
-scheduled step into one forward, and samples the next token of every sequence that needs one."""
+"""ModelRunner: the only engine part that touches tensors — owns the models and the KV cache, packs a
+scheduled step into one forward per model, and samples the next token of every sequence that needs one.
+
+Several models share the cache (model/engine/adapter_set.py: the base and one merged-weights model per
+LoRA adapter, same shapes): a step's chunks are grouped by the model their sequence runs on, and each
+group is one forward over its own cache rows, so requests for different adapters share a step."""
 
 from __future__ import annotations
 
 import torch
 
+from model.engine.adapter_set import BASE, AdapterSet
 from model.engine.cuda_graphs import DecodeGraphs
 from model.engine.scheduler import ScheduledChunk
 from model.engine.sequence import Sequence, TokenLogprob
@@ -18,6 +23,7 @@ class ModelRunner:
     def __init__(self, model: InferenceModel, n_slots: int, max_seq_len: int, valid_vocab: int | None = None,
                  cuda_graphs: bool = False) -> None:
         self.model = model
+        self.adapters = AdapterSet(model)
         self.device = model.device
         # a model may have more output rows than its tokenizer has tokens (padding): never sample those
         self.valid_vocab = valid_vocab if valid_vocab and valid_vocab < model.config.vocab_size else None
@@ -28,8 +34,23 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk]) -> list[int]:
-        """Run one forward over every chunk; return the sampled token for each chunk with
+        """Run one forward per model over its chunks; return the sampled token for each chunk with
         `samples=True`, in order."""
+        groups: dict[int, list[int]] = {}  # model key -> indexes of its chunks
+        for i, c in enumerate(chunks):
+            groups.setdefault(c.seq.adapter, []).append(i)
+        if len(groups) == 1:
+            [key] = groups
+            return self._execute(key, chunks)
+        sampled: dict[int, int] = {}
+        for key, indexes in groups.items():
+            tokens = iter(self._execute(key, [chunks[i] for i in indexes]))
+            sampled.update((i, next(tokens)) for i in indexes if chunks[i].samples)
+        return [sampled[i] for i, c in enumerate(chunks) if c.samples]
+
+    def _execute(self, key: int, chunks: list[ScheduledChunk]) -> list[int]:
+        """One forward of model `key` over `chunks` (all its sequences)."""
+        model = self.adapters.model(key)
         # 1. pack tokens and positions: (1, N)
         tokens: list[int] = []
         positions: list[int] = []
@@ -39,7 +60,7 @@ class ModelRunner:
             positions += range(c.start, c.start + c.length)
             if c.samples:
                 logits_index.append(len(tokens) - 1)
-        if self.decode_graphs is not None and len(tokens) == len(logits_index) == len(chunks):  # pure decode
+        if self.decode_graphs is not None and key == BASE and len(tokens) == len(logits_index) == len(chunks):  # pure decode
             logits = self.decode_graphs.run(tokens, [c.seq.slot for c in chunks], positions).float()
             return self.sample(self._mask_vocab(logits), [c.seq for c in chunks])
         batch = self.cache.batch([c.seq.slot for c in chunks], [c.start for c in chunks],
@@ -47,10 +68,10 @@ class ModelRunner:
         t = torch.tensor([tokens], device=self.device)
         p = torch.tensor([positions], device=self.device)
         if not logits_index:
-            self.model(t, p, kv_cache=batch, logits_index=torch.tensor([0], device=self.device))
+            model(t, p, kv_cache=batch, logits_index=torch.tensor([0], device=self.device))
             return []
         # 2. forward; logits only where a token is sampled: (K, V)
-        logits = self._mask_vocab(self.model(t, p, kv_cache=batch,
+        logits = self._mask_vocab(model(t, p, kv_cache=batch,
                                              logits_index=torch.tensor(logits_index, device=self.device)).float())
         # 3. sample
         sampling = [c.seq for c in chunks if c.samples]
@@ -88,15 +109,17 @@ class ModelRunner:
         return out
 
     @torch.inference_mode()
-    def score(self, prompt_ids: list[int], continuations: list[list[int]], group: int = 16) -> list[float]:
-        """Sum of log p(continuation | prompt) for each continuation. The prompt runs once; its K/V are
-        copied into one scratch-cache row per continuation, and the continuations run packed in one
-        forward per group (a scratch cache, so scoring never takes a serving slot)."""
+    def score(self, prompt_ids: list[int], continuations: list[list[int]], group: int = 16, key: int = BASE
+              ) -> list[float]:
+        """Sum of log p(continuation | prompt) for each continuation under model `key`. The prompt runs
+        once; its K/V are copied into one scratch-cache row per continuation, and the continuations run
+        packed in one forward per group (a scratch cache, so scoring never takes a serving slot)."""
+        model = self.adapters.model(key)
         P = len(prompt_ids)
         width = P + max(len(c) for c in continuations)
         rows = min(group, len(continuations))
         cache = KVCache(self.model.config, rows, width, dtype=self.model.cache_dtype, device=self.device)
-        first = self.model(torch.tensor([prompt_ids], device=self.device), torch.arange(P, device=self.device)[None],
+        first = model(torch.tensor([prompt_ids], device=self.device), torch.arange(P, device=self.device)[None],
                            kv_cache=cache.batch([0], [0], [P]),
                            logits_index=torch.tensor([P - 1], device=self.device)).float().log_softmax(-1)[0]  # (V,)
         cache.copy_prefix(0, slice(1, None), P)
@@ -108,7 +131,7 @@ class ModelRunner:
             feed = [t for _, c in rest for t in c[:-1]]
             positions = [P + j for _, c in rest for j in range(len(c) - 1)]
             batch = cache.batch([i for i, _ in rest], [P] * len(rest), [len(c) - 1 for _, c in rest])
-            logp = self.model(torch.tensor([feed], device=self.device), torch.tensor([positions], device=self.device),
+            logp = model(torch.tensor([feed], device=self.device), torch.tensor([positions], device=self.device),
                               kv_cache=batch).float().log_softmax(-1)[0]  # (N, V)
             targets = torch.tensor([t for _, c in rest for t in c[1:]], device=self.device)
             picked = logp.gather(1, targets[:, None])[:, 0].tolist()

@@ -69,7 +69,7 @@ class Scheduler:
         admitted = []
         while self.waiting and budget > 0 and self.cache.can_allocate():
             seq = self.waiting.popleft()
-            allocation = self.cache.allocate(seq.prompt_ids)
+            allocation = self.cache.allocate(seq.prompt_ids, seq.adapter)
             seq.slot, seq.status = allocation.slot, SequenceStatus.RUNNING
             seq.num_computed = seq.num_cached_prompt = allocation.cached_tokens
             seq.first_scheduled_time = time.monotonic()

@@ -44,6 +44,7 @@ class Sequence:
     stop_ids: frozenset[int]  # tokenizer stop ids + params.stop_token_ids (empty when ignore_eos)
     generator: torch.Generator | None
     detokenizer: IncrementalDetokenizer | None
+    adapter: int = 0  # the model it runs on: a model.engine.adapter_set key (0: the base model)
     output_ids: list[int] = field(default_factory=list)
     text: str = ""  # output text emitted so far (the sum of the text deltas)
     status: SequenceStatus = SequenceStatus.WAITING
