@@ -172,15 +172,16 @@ class EngineClient:
 
     # ------------------------------------------------------------------ requests
     async def generate(self, label: str, prompt_ids: Sequence[int], params: SamplingParams,
-                       deadline: float | None = None, timer: Any = None) -> AsyncIterator[Any]:
-        """Yield RequestOutputs until one is finished. Leaving early (disconnect, cancellation, or
+                       deadline: float | None = None, timer: Any = None, adapter: str | None = None
+                       ) -> AsyncIterator[Any]:
+        """Yield RequestOutputs until one is finished, from the base model or the LoRA `adapter`. Leaving early (disconnect, cancellation, or
         `deadline` (loop.time()) passing -> DeadlineExceeded) aborts the request in the engine and
         frees its cache slot. `label` names it in logs only (the engine key is made here).
         `timer.on_output(out, t_added)` sees every output (metrics)."""
         self._check_alive()
         loop = asyncio.get_running_loop()
         stream = RequestStream(f"seq-{next(self._keys)}", label, loop)
-        self._commands.put(("add", stream, list(prompt_ids), params))
+        self._commands.put(("add", stream, list(prompt_ids), params, adapter))
         alarm = None
         if deadline is not None:
             alarm = loop.call_at(deadline, stream.queue.put_nowait, DeadlineExceeded(
@@ -204,23 +205,29 @@ class EngineClient:
             if not stream.done:
                 self._commands.put(("abort", stream.request_id))
 
-    async def score(self, prompt_ids: Sequence[int], continuations: Sequence[Sequence[int]]) -> list[float]:
+    async def score(self, prompt_ids: Sequence[int], continuations: Sequence[Sequence[int]],
+                    adapter: str | None = None) -> list[float]:
         """engine.score on the engine thread: sum log p(continuation | prompt) per continuation."""
-        return await self.call(self.engine.score, list(prompt_ids), [list(c) for c in continuations])
+        return await self.call(self.engine.score, list(prompt_ids), [list(c) for c in continuations], adapter)
 
-    async def score_each(self, jobs: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]]
-                         ) -> list[list[float]]:
+    async def score_each(self, jobs: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]],
+                         adapter: str | None = None) -> list[list[float]]:
         """`score` for each (prompt, continuations) job, one engine call per job: cancelling the
         caller (deadline, disconnect) stops it before the next job, and decodes run between jobs
         instead of waiting behind one call that scores every job."""
-        return [await self.score(prompt, conts) for prompt, conts in jobs]
+        return [await self.score(prompt, conts, adapter) for prompt, conts in jobs]
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run fn(*args) on the engine thread between steps (it may touch the device)."""
+        return await asyncio.wrap_future(self.submit(fn, *args))
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
+        """Queue fn(*args) for the engine thread from any thread (the adapter watcher hands its models
+        over this way); the future holds the result, or the error (EngineDead once the thread is gone)."""
         self._check_alive()
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         self._commands.put(("call", future, fn, args))
-        return await asyncio.wrap_future(future)
+        return future
 
     def _check_alive(self) -> None:
         if self.failure is not None:
@@ -268,9 +275,9 @@ class EngineClient:
     def _handle(self, command: tuple[Any, ...]) -> None:
         kind = command[0]
         if kind == "add":
-            _, stream, prompt_ids, params = command
+            _, stream, prompt_ids, params, adapter = command
             try:
-                self.engine.add_request(stream.request_id, prompt_ids, params)
+                self.engine.add_request(stream.request_id, prompt_ids, params, adapter=adapter)
             except Exception as exc:  # a request error (too long, rejected): only this stream
                 self._deliver(stream, _api_error(exc))
                 return

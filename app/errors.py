@@ -116,9 +116,12 @@ def to_api_error(exc: BaseException) -> ApiError:
     if isinstance(exc, TaskError):
         return InvalidRequest(str(exc), param=exc.param, code="invalid_value")
     try:
-        from model.engine import PromptTooLong, RequestRejected
+        from model.engine import PromptTooLong, RequestRejected, UnknownAdapter
     except ImportError:  # engine not importable: nothing more to translate
         return InternalError("internal error", code="internal_error")
+    if isinstance(exc, UnknownAdapter):  # unloaded between the route's check and the engine's
+        return NotFound(f"model {exc.name!r} does not exist (see GET /v1/models)", param="model",
+                        code="model_not_found")
     if isinstance(exc, PromptTooLong):
         return prompt_too_long(exc.prompt_tokens, exc.max_model_len)
     if isinstance(exc, RequestRejected):

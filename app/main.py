@@ -5,12 +5,14 @@ middleware (request id, body limit, API keys, CORS), the error table, routers, t
     app = create_app(ServerSettings(checkpoint="ckpt/"))   # tests
 
 The model loads in the background after startup: /health answers at once, /ready turns green when
-the model is loaded and warm. `loader` can replace checkpoint loading (tests inject broken engines).
+the model and the LoRA adapters in SEEDLING_ADAPTERS_DIR are loaded and warm; a background watcher
+(model/adapter_watch.py) then serves adapters added, changed or removed there, without a restart. `loader` can replace checkpoint loading (tests inject broken engines).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -50,6 +52,7 @@ class Loaded:
     max_model_len: int
     serving_path: str = "unknown"  # which forward serves (model.inference.Capabilities.path)
     checkpoint_dir: Path | None = None  # where the weights came from (heads are checked against them)
+    adapter_builder: Callable[[Path], Any] | None = None  # adapter dir -> a model the engine can serve
 
 
 @dataclass
@@ -60,6 +63,7 @@ class AppState:
     service: Service | None = None
     load_error: str | None = None
     warm: bool = False
+    watcher: Any = None  # model.adapter_watch.AdapterWatcher, while SEEDLING_ADAPTERS_DIR is set
     drain_timer: asyncio.TimerHandle | None = None
 
     def engine_problem(self) -> tuple[str, str] | None:
@@ -96,7 +100,7 @@ def load_model(settings: ServerSettings) -> Loaded:
 
     from model.device import resolve_device, resolve_dtype
     from model.engine import LLMEngine
-    from model.inference import load_for_serving
+    from model.inference import adapt_for_serving, load_for_serving
 
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
@@ -112,7 +116,7 @@ def load_model(settings: ServerSettings) -> Loaded:
     log.info("loaded %s from %s on %s (%s), max_model_len %d", name, path, device,
              served.model.capabilities.path, max_model_len)
     return Loaded(engine, served.tokenizer, served.meta, name, max_model_len, served.model.capabilities.path,
-                  checkpoint_dir=Path(path))
+                  checkpoint_dir=Path(path), adapter_builder=functools.partial(adapt_for_serving, served))
 
 
 async def _start(app: FastAPI, state: AppState, loader: Callable[[ServerSettings], Loaded]) -> None:
@@ -126,6 +130,8 @@ async def _start(app: FastAPI, state: AppState, loader: Callable[[ServerSettings
         heads = await asyncio.to_thread(_heads, settings, loaded, client)
         state.service = Service(effective, loaded.tokenizer, client, loaded.model_name, loaded.meta,
                                 state.metrics, loaded.serving_path, heads=heads)
+        if settings.adapters_dir and loaded.adapter_builder is not None:
+            state.watcher = await _watch_adapters(settings, loaded, client)
         if settings.warmup:
             await _warmup(state.service)
         state.warm = True
@@ -148,6 +154,22 @@ def _heads(settings: ServerSettings, loaded: Loaded, client: EngineClient) -> He
     log.info("adapters dir %s: heads %s%s", settings.adapters_dir, sorted(registry.heads) or "none",
              f", refused {sorted(registry.errors)}" if registry.errors else "")
     return HeadService(registry, client, loaded.checkpoint_dir, loaded.tokenizer.pad_id, bf16=bf16_fast())
+
+
+async def _watch_adapters(settings: ServerSettings, loaded: Loaded, client: EngineClient) -> Any:
+    """Serve every LoRA adapter in adapters_dir now (broken ones logged and skipped), then keep polling it
+    on a background thread that builds new ones and hands them to the engine thread between steps."""
+    from model.adapter_watch import AdapterWatcher
+
+    engine = loaded.engine
+    watcher = AdapterWatcher(
+        settings.adapters_dir, loaded.adapter_builder,
+        publish=lambda name, model: client.submit(engine.add_adapter, name, model).result(),
+        retire=lambda name: client.submit(engine.remove_adapter, name).result(),
+        interval_s=settings.adapters_poll_s, reserved=frozenset({loaded.model_name}))
+    served = await asyncio.to_thread(watcher.scan)
+    log.info("adapters from %s: %s", settings.adapters_dir, ", ".join(served) or "none")
+    return watcher.start() if settings.adapters_poll_s > 0 else watcher
 
 
 async def _warmup(svc: Service) -> None:
@@ -174,6 +196,8 @@ def create_app(settings: ServerSettings | None = None,
             yield
         finally:
             starting.cancel()
+            if state.watcher is not None:
+                await asyncio.to_thread(state.watcher.stop)
             if state.client is not None:
                 state.begin_drain()
                 if state.engine_problem() is None:  # a dead or hung engine finishes nothing

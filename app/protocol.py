@@ -100,6 +100,8 @@ class SamplingFields(_Strict):
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stop: str | list[NonEmptyStr] | None = Field(None, description="stop strings, never emitted")
+    model: NonEmptyStr | None = Field(None, description="a LoRA adapter (GET /v1/models) or the base model "
+                                      "(the default)")
 
     def sampling_params(self, limits: Limits, **extra: Any) -> SamplingParams:
         max_tokens = _max_tokens(self.max_tokens, limits, "max_tokens")
@@ -518,6 +520,8 @@ class ModelCard(BaseModel):
     owned_by: str = "seedling"
     max_model_len: int
     serving_path: str  # which forward serves: "torch-fp32", "torch-bf16", "torch-int8-bf16", "fbgemm-w8a8", "native-q4"
+    root: str | None = None  # where it was loaded from (an adapter's directory)
+    parent: str | None = None  # an adapter's base model
 
 
 class ModelList(BaseModel):

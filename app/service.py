@@ -102,6 +102,21 @@ class Service:
         self.prompts = PromptGuard(tokenizer, self.max_model_len)  # check chars, then tokenize off the loop
         self._priors = PriorCache()
 
+    # ------------------------------------------------------------------ models
+    def adapters(self) -> list[str]:
+        """The LoRA adapters served now (SEEDLING_ADAPTERS_DIR; they come and go without a restart)."""
+        return self.client.engine.adapter_names()
+
+    def adapter_for(self, model: str | None) -> str | None:
+        """The adapter a request's `model` names: None for the base model (or no `model`), NotFound
+        naming `model` for anything not served."""
+        if model is None or model == self.model_name:
+            return None
+        if model in self.adapters():
+            return model
+        raise NotFound(f"model {model!r} does not exist; this server serves {self.model_name!r} and its "
+                       "adapters (see GET /v1/models)", param="model", code="model_not_found")
+
     # ------------------------------------------------------------------ prompts
     def chat_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:
         try:
@@ -143,14 +158,14 @@ class Service:
         return t_arrival_loop + self.settings.request_timeout_s
 
     async def stream(self, request_id: str, prompt_ids: list[int], params: SamplingParams, endpoint: str,
-                     deadline: float) -> AsyncIterator[Any]:
-        """RequestOutputs for one item, with metrics and outcome counting."""
+                     deadline: float, adapter: str | None = None) -> AsyncIterator[Any]:
+        """RequestOutputs for one item (from the base model or `adapter`), with metrics and outcomes."""
         timer = RequestTimer(self.metrics)
         outcome = "error"
         if self.settings.log_prompts:
             log.info("request %s prompt: %r", request_id, self.tokenizer.decode(prompt_ids, skip_special=False))
         try:
-            async for out in self.client.generate(request_id, prompt_ids, params, deadline, timer):
+            async for out in self.client.generate(request_id, prompt_ids, params, deadline, timer, adapter):
                 if out.finished:
                     outcome = _reason(out.finish_reason) or "stop"
                 yield out
@@ -163,10 +178,10 @@ class Service:
                 self.metrics.outcome(endpoint, outcome)
 
     async def complete(self, request_id: str, prompt_ids: list[int], params: SamplingParams, endpoint: str,
-                       deadline: float) -> Generated:
+                       deadline: float, adapter: str | None = None) -> Generated:
         result = Generated(prompt_tokens=len(prompt_ids))
         parts: list[str] = []
-        async for out in self.stream(request_id, prompt_ids, params, endpoint, deadline):
+        async for out in self.stream(request_id, prompt_ids, params, endpoint, deadline, adapter):
             parts.append(out.text_delta)
             if out.logprobs:
                 result.logprobs.extend(out.logprobs)
@@ -178,12 +193,12 @@ class Service:
             log.info("request %s output: %r", request_id, result.text)
         return result
 
-    async def complete_many(self, request: Request, request_id: str,
-                            items: list[tuple[list[int], SamplingParams]], endpoint: str) -> list[Generated]:
+    async def complete_many(self, request: Request, request_id: str, items: list[tuple[list[int], SamplingParams]],
+                            endpoint: str, adapter: str | None = None) -> list[Generated]:
         """Generate every item in the same engine batches; abort all if the client leaves."""
         deadline = self.deadline(asyncio.get_running_loop().time())
         with self.client.reserve(len(items)):
-            coros = [self.complete(_item_id(request_id, i, len(items)), ids, params, endpoint, deadline)
+            coros = [self.complete(_item_id(request_id, i, len(items)), ids, params, endpoint, deadline, adapter)
                      for i, (ids, params) in enumerate(items)]
             return await until_disconnect(request, all_or_none(coros))
 

@@ -55,6 +55,8 @@ class ServerSettings(BaseSettings):
     model_name: str | None = Field(None, description="name in /v1/models and `model`; unset = dir name")
     adapters_dir: str | None = Field(None, description="adapters (one subdirectory each; classification heads: "
                                      "head.json) served by name; unset = none")
+    adapters_poll_s: float = Field(2.0, ge=0, description="seconds between scans of adapters_dir for new, "
+                                   "changed or removed LoRA adapters; 0 = at start only")
     device: str = Field("auto", description="auto (cuda when present, else cpu) | cpu | cuda | cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bf16 on cuda, f32 on cpu")
     quantize: Literal[("auto", "none", *QUANTIZATIONS)] = Field(  # type: ignore[valid-type]

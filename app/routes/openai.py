@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
 from model.sampling import SamplingParams
 
-from ..errors import InvalidRequest, NotFound
+from ..errors import InvalidRequest
 from ..protocol import (
     AssistantMessage,
     ChatChoice,
@@ -48,12 +49,6 @@ from .common import (
 
 router = APIRouter(tags=["openai"])
 STARTED = int(time.time())
-
-
-def _check_model(svc: Service, model: str | None) -> None:
-    if model is not None and model != svc.model_name:
-        raise NotFound(f"model {model!r} does not exist; this server serves {svc.model_name!r} "
-                       "(see GET /v1/models)", param="model", code="model_not_found")
 
 
 def _chat_logprobs(svc: Service, logprobs: list[Any]) -> ChoiceLogprobs:
@@ -97,20 +92,27 @@ def _completion_items(svc: Service, prompts: list[str | list[int]], params: Samp
 
 @router.get("/v1/models", response_model=ModelList)
 async def models(svc: Service = Depends(get_service)) -> ModelList:
-    return ModelList(data=[ModelCard(id=svc.model_name, created=STARTED, max_model_len=svc.max_model_len,
-                                     serving_path=svc.serving_path)])
+    """The base model, then every LoRA adapter served now (its `parent` is the base model)."""
+    base = ModelCard(id=svc.model_name, created=STARTED, max_model_len=svc.max_model_len,
+                     serving_path=svc.serving_path)
+    root = Path(svc.settings.adapters_dir or ".")
+    adapters = [ModelCard(id=name, created=STARTED, max_model_len=svc.max_model_len, root=str(root / name),
+                          serving_path=svc.serving_path,
+                          parent=svc.model_name) for name in svc.adapters()]
+    return ModelList(data=[base, *adapters])
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion, responses={**ERROR_RESPONSES, **SSE_RESPONSE})
 async def chat_completions(body: ChatCompletionRequest, request: Request,
                            svc: Service = Depends(get_service)) -> Any:
-    _check_model(svc, body.model)
+    adapter = svc.adapter_for(body.model)
+    served = adapter or svc.model_name
     [(ids, params)] = await prompt_items(svc, [[m.plain() for m in body.messages]], body.sampling_params(svc.limits),
                                        body.explicit_max_tokens)
     rid = "chatcmpl-" + request_id(request)
     if body.stream:
         created = int(time.time())
-        base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": svc.model_name}
+        base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": served}
         usage_field = {"usage": None} if body.include_usage else {}
 
         def chunk(delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> str:
@@ -120,7 +122,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
         async def events() -> AsyncIterator[str]:
             yield chunk({"role": "assistant", "content": ""})
             deadline = svc.deadline(asyncio.get_running_loop().time())
-            async for out in svc.stream(rid, ids, params, "chat_completions", deadline):
+            async for out in svc.stream(rid, ids, params, "chat_completions", deadline, adapter):
                 lp = _chat_logprobs(svc, out.logprobs).model_dump() if out.logprobs else None
                 if out.text_delta or lp:
                     yield chunk({"content": out.text_delta}, logprobs=lp)
@@ -131,17 +133,18 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
                         yield sse({**base, "choices": [], "usage": usage})
 
         return event_stream(svc, events)
-    [g] = await svc.complete_many(request, rid, [(ids, params)], "chat_completions")
+    [g] = await svc.complete_many(request, rid, [(ids, params)], "chat_completions", adapter)
     logprobs = _chat_logprobs(svc, g.logprobs) if params.logprobs is not None else None
     choice = ChatChoice(index=0, message=AssistantMessage(content=g.text), logprobs=logprobs,
                         finish_reason=g.finish_reason)
-    return ChatCompletion(id=rid, model=svc.model_name, choices=[choice],
+    return ChatCompletion(id=rid, model=served, choices=[choice],
                           usage=Usage.of(g.prompt_tokens, g.completion_tokens))
 
 
 @router.post("/v1/completions", response_model=Completion, responses={**ERROR_RESPONSES, **SSE_RESPONSE})
 async def completions(body: CompletionRequest, request: Request, svc: Service = Depends(get_service)) -> Any:
-    _check_model(svc, body.model)
+    adapter = svc.adapter_for(body.model)
+    served = adapter or svc.model_name
     if body.echo and body.logprobs is not None:
         raise InvalidRequest("echo with logprobs is not supported", param="echo", code="unsupported_value")
     params = body.sampling_params(svc.limits)
@@ -155,7 +158,7 @@ async def completions(body: CompletionRequest, request: Request, svc: Service = 
     rid = "cmpl-" + request_id(request)
     if body.stream:
         created = int(time.time())
-        base = {"id": rid, "object": "text_completion", "created": created, "model": svc.model_name}
+        base = {"id": rid, "object": "text_completion", "created": created, "model": served}
         usage_field = {"usage": None} if body.include_usage else {}
 
         async def events() -> AsyncIterator[str]:
@@ -165,7 +168,8 @@ async def completions(body: CompletionRequest, request: Request, svc: Service = 
             async def pump(i: int) -> None:
                 try:
                     item_id = rid if len(items) == 1 else f"{rid}-{i}"
-                    async for out in svc.stream(item_id, items[i][0], items[i][1], "completions", deadline):
+                    async for out in svc.stream(item_id, items[i][0], items[i][1], "completions", deadline,
+                                                  adapter):
                         await queue.put((i, out))
                 except Exception as exc:  # noqa: BLE001 - forwarded to the stream
                     await queue.put((i, exc))
@@ -199,7 +203,7 @@ async def completions(body: CompletionRequest, request: Request, svc: Service = 
                 await asyncio.gather(*tasks, return_exceptions=True)
 
         return event_stream(svc, events, n_items=len(items))
-    results = await svc.complete_many(request, rid, items, "completions")
+    results = await svc.complete_many(request, rid, items, "completions", adapter)
     choices = []
     usage = Usage()
     for i, (g, echo) in enumerate(zip(results, echoes, strict=True)):
@@ -207,4 +211,4 @@ async def completions(body: CompletionRequest, request: Request, svc: Service = 
         choices.append(CompletionChoice(index=i, text=echo + g.text, logprobs=logprobs,
                                         finish_reason=g.finish_reason))
         usage = usage.add(Usage.of(g.prompt_tokens, g.completion_tokens))
-    return Completion(id=rid, model=svc.model_name, choices=choices, usage=usage)
+    return Completion(id=rid, model=served, choices=choices, usage=usage)

@@ -58,6 +58,8 @@ def _total(items: list[Any]) -> Usage:
 async def chat(body: ChatRequest, request: Request, svc: Service = Depends(get_service)) -> Any:
     conversations, is_batch = body.conversations()
     check_batch(conversations, svc.limits, "messages")
+    adapter = svc.adapter_for(body.model)
+    served = adapter or svc.model_name
     items = await prompt_items(svc, [[m.model_dump() for m in conv] for conv in conversations],
                              body.sampling_params(svc.limits), body.explicit_max_tokens)
     rid = request_id(request)
@@ -69,7 +71,7 @@ async def chat(body: ChatRequest, request: Request, svc: Service = Depends(get_s
 
         async def events() -> AsyncIterator[str]:
             deadline = svc.deadline(_loop_time())
-            async for out in svc.stream(rid, ids, item_params, "chat", deadline):
+            async for out in svc.stream(rid, ids, item_params, "chat", deadline, adapter):
                 if out.text_delta:
                     yield sse({"id": rid, "index": 0, "delta": out.text_delta})
                 if out.finished:
@@ -77,23 +79,25 @@ async def chat(body: ChatRequest, request: Request, svc: Service = Depends(get_s
                                "usage": Usage.of(out.prompt_tokens, out.completion_tokens).model_dump()})
 
         return event_stream(svc, events)
-    results = await svc.complete_many(request, rid, items, "chat")
+    results = await svc.complete_many(request, rid, items, "chat", adapter)
     chat_items = [ChatItem(message=AssistantMessage(content=g.text), finish_reason=g.finish_reason,
                            usage=_usage(g)) for g in results]
     if is_batch:
-        return ChatBatchResponse(id=rid, model=svc.model_name, results=chat_items, usage=_total(chat_items))
-    return ChatResponse(id=rid, model=svc.model_name, **chat_items[0].model_dump())
+        return ChatBatchResponse(id=rid, model=served, results=chat_items, usage=_total(chat_items))
+    return ChatResponse(id=rid, model=served, **chat_items[0].model_dump())
 
 
 async def _text_task(request: Request, svc: Service, body: Any, texts: list[str], is_batch: bool,
                      messages: list[list[dict[str, str]]], endpoint: str) -> Any:
+    adapter = svc.adapter_for(body.model)
+    served = adapter or svc.model_name
     items = await prompt_items(svc, messages, body.sampling_params(svc.limits), body.explicit_max_tokens, param="text")
     rid = request_id(request)
-    results = await svc.complete_many(request, rid, items, endpoint)
+    results = await svc.complete_many(request, rid, items, endpoint, adapter)
     text_items = [TextItem(text=g.text.strip(), finish_reason=g.finish_reason, usage=_usage(g)) for g in results]
     if is_batch:
-        return TextBatchResponse(id=rid, model=svc.model_name, results=text_items, usage=_total(text_items))
-    return TextResponse(id=rid, model=svc.model_name, **text_items[0].model_dump())
+        return TextBatchResponse(id=rid, model=served, results=text_items, usage=_total(text_items))
+    return TextResponse(id=rid, model=served, **text_items[0].model_dump())
 
 
 def _task_messages(build: Any, texts: list[str], *args: Any) -> list[list[dict[str, str]]]:

@@ -5,7 +5,8 @@ Why versions: an adapter can be replaced (a training job publishes a better one)
 sequences still decode on it. A sequence keeps the key it was admitted with (`acquire`), so it ends
 on the weights whose K/V its cache slot holds; a name points at its newest key, and a key nobody
 uses any more is dropped. Keys also separate prefix-cache entries (KV differs per adapter).
-Plain Python, no locks: only the engine thread touches it.
+Plain Python, no locks: only the engine thread changes it; `served` is an immutable snapshot that
+other threads (the server's routes) may read at any time.
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ class AdapterSet:
         self._current: dict[str, int] = {}  # name -> newest key
         self._users: Counter[int] = Counter()  # key -> sequences admitted on it, still unfinished
         self._keys = itertools.count(1)
+        self.served: frozenset[str] = frozenset()  # the names new requests may use, replaced on change
 
     def names(self) -> list[str]:
-        return sorted(self._current)
+        return sorted(self.served)
 
     def add(self, name: str, model: InferenceModel) -> None:
         """Serve `model` as `name` from the next request on (replacing an older version of it)."""
@@ -48,6 +50,7 @@ class AdapterSet:
         key = next(self._keys)
         self._models[key] = model
         self._current[name] = key
+        self.served = frozenset(self._current)
         if old is not None:
             self._drop_if_unused(old)
 
@@ -56,6 +59,7 @@ class AdapterSet:
         key = self._current.pop(name, None)
         if key is None:
             return False
+        self.served = frozenset(self._current)
         self._drop_if_unused(key)
         return True
 

@@ -265,6 +265,7 @@ class LLMEngine:
         return removed
 
     def adapter_names(self) -> list[str]:
+        """The adapters new requests may name; safe to call from any thread (an immutable snapshot)."""
         return self.runner.adapters.names()
 
     def stats(self) -> EngineStats:
