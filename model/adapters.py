@@ -157,6 +157,11 @@ def _target(model: Transformer, u: LoraUpdate) -> torch.Tensor:
     return model.layers[u.layer].get_submodule(f"{PROJECTIONS[u.proj]}.{u.proj}").weight
 
 
+def targets(model: Transformer, adapter: Adapter) -> list[torch.Tensor]:
+    """The weight matrices merging `adapter` changes (validate_adapter first)."""
+    return [_target(model, u) for u in adapter.updates]
+
+
 def validate_adapter(model: Transformer, adapter: Adapter) -> None:
     """Every update must name an existing layer and match its projection's shape."""
     for u in adapter.updates:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from model import native
-from model.adapters import check_base, load_merged, merge_adapter, read_adapter
+from model.adapters import check_base, load_merged, merge_adapter, read_adapter, targets, validate_adapter
 from model.checkpoint import load_checkpoint
 from model.config import QUANTIZATIONS, ModelConfig
 from model.eager import EagerModel
@@ -104,10 +104,15 @@ def adapt_for_serving(served: Served, adapter_dir: str | Path) -> InferenceModel
     """The serving model of `served`'s checkpoint with the LoRA adapter at `adapter_dir` merged in, in
     the same variant (quantization, dtype, device) as `served.model`, so both can share one engine.
     AdapterError if the adapter cannot be read or does not fit the base. Safe off the engine thread:
-    it merges into a copy and leaves `served` untouched."""
+    it merges into a copy of the weights the adapter changes and shares every other tensor (the
+    embedding, norms, untouched projections) with `served`, which stays unchanged."""
     adapter = read_adapter(adapter_dir)
     check_base(adapter, served.path)
-    model = merge_adapter(copy.deepcopy(served.transformer), adapter)
+    base = served.transformer
+    validate_adapter(base, adapter)
+    changed = {id(w) for w in targets(base, adapter)}
+    shared = {id(t): t for t in [*base.parameters(), *base.buffers()] if id(t) not in changed}
+    model = merge_adapter(copy.deepcopy(base, shared), adapter)
     return prepare_for_serving(model, served.model.capabilities.quantization, served.tokenizer)
 
 

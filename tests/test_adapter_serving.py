@@ -211,3 +211,12 @@ def test_watcher_keeps_a_good_version_when_the_new_one_is_broken(app_checkpoint:
     assert live["one"] is first and "use_dora" in watcher.errors["one"]
     write_lora(app_checkpoint, tmp_path / "one", seed=7)  # fixed: served again, the new version
     assert watcher.scan() == ["one"] and live["one"] is not first and "one" not in watcher.errors
+
+
+def test_an_adapter_model_shares_what_it_does_not_change(served: Served, adapters_dir: Path) -> None:
+    before = {n: p.clone() for n, p in served.transformer.named_parameters()}
+    model = adapt_for_serving(served, adapters_dir / "alpha")
+    base_ptrs = {p.data_ptr() for p in served.model.parameters()}
+    assert model.network.embed_tokens.weight.data_ptr() in base_ptrs  # the embedding is not copied
+    for name, p in served.transformer.named_parameters():  # the base is untouched
+        assert torch.equal(p, before[name]), name
