@@ -36,7 +36,8 @@ def adapters_dir(app_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory)
 
 @pytest.fixture(scope="module")
 def client(app_checkpoint: Path, adapters_dir: Path) -> Iterator[TestClient]:  # noqa: F811
-    settings = settings_for(app_checkpoint, adapters_dir=str(adapters_dir), adapters_poll_s=0.2, api_keys=("sk-t",))
+    settings = settings_for(app_checkpoint, adapters_dir=str(adapters_dir), adapters_poll_s=0.2, api_keys=("sk-t",),
+                            quantize="none")  # the oracle is the fp32 merged model
     with make_client(settings) as c:
         c.headers["Authorization"] = "Bearer sk-t"
         yield c
