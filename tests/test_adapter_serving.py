@@ -137,7 +137,7 @@ def test_q4_serves_adapters_merged_then_repacked(app_checkpoint: Path, tmp_path:
     q4 = load_for_serving(app_checkpoint, quantize="q4")
     adapter = write_lora(app_checkpoint, tmp_path / "small", seed=1, scale=0.05)  # a trained LoRA's size
     model = adapt_for_serving(q4, adapter)
-    assert model.capabilities.path == "native-q4"
+    assert model.capabilities.path == q4.model.capabilities.path and model.capabilities.quantization == "q4"
     tokens = torch.tensor([prompts(1)[0]])
     with torch.no_grad():
         want = merged(q4, adapter)(tokens).float()
