@@ -1,7 +1,8 @@
 """xgrammar against llguidance on one JSON schema and our tokenizer, in one run (why: issue 16 asks to
 pick the grammar library by measurement; docs/structured-output.md records the numbers).
 
-    python -m bench.grammar_libs                       # default model's tokenizer, batch 16, 64 tokens
+    python -m bench.grammar_libs                       # default model's tokenizer, batch 16
+    python -m bench.grammar_libs --engine              # + engine tok/s, 16 constrained vs 16 plain (q4)
 
 For each library: first compile of the schema (ms), cached compile (ms: a second compile of the same
 schema through the library's own cache, or a dict hit when it has none), and the mask for a batch of
@@ -127,11 +128,45 @@ def bench_xgrammar(tok: Tokenizer, doc_ids: list[int], batch: int) -> dict[str, 
     return _row(setup, first, cached, walk, len(doc_ids), batch)
 
 
+def engine_ratio(checkpoint: Path, batch: int, max_tokens: int, quantize: str) -> None:
+    """Decode throughput of `batch` requests all constrained by SCHEMA against the same requests
+    unconstrained, in one engine, in one run (unconstrained, constrained, unconstrained again)."""
+    from model.engine import EngineConfig, LLMEngine
+    from model.grammar import ResponseFormat
+    from model.inference import load_for_serving
+    from model.sampling import SamplingParams
+    from model.tokenizer import render_chat
+    served = load_for_serving(checkpoint, quantize=quantize)
+    engine = LLMEngine(served.model, served.tokenizer, EngineConfig(max_num_seqs=batch, max_model_len=512))
+    prompts = [render_chat(served.tokenizer, [{"role": "user", "content": f"Order {n}: extract it as JSON."}]).ids
+               for n in range(batch)]
+    fmt = ResponseFormat.json_schema(SCHEMA)
+    engine.generate(prompts[:1], SamplingParams(max_tokens=2, temperature=0, response_format=fmt))  # compile
+    engine.generate(prompts, SamplingParams(max_tokens=16, temperature=1.0, seed=0))  # warm the kernels
+    rates = {}
+    for name, p in [("plain", SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=1)),
+                    ("constrained", SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=1,
+                                                   response_format=fmt)),
+                    ("plain again", SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=1))]:
+        t0 = time.perf_counter()
+        outs = engine.generate(prompts, p)
+        rates[name] = sum(o.completion_tokens for o in outs) / (time.perf_counter() - t0)
+        print(f"{name:<12} {rates[name]:8.1f} tok/s  ({sum(o.completion_tokens for o in outs)} tokens)")
+    base = (rates["plain"] + rates["plain again"]) / 2
+    print(f"constrained / unconstrained throughput at {batch} concurrent: {rates['constrained'] / base:.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", default=None, help="checkpoint dir (default: the default model)")
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--engine", action="store_true", help="also: engine throughput, constrained / plain")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--quantize", default="q4")
     args = ap.parse_args()
+    if args.engine:
+        engine_ratio(Path(args.checkpoint) if args.checkpoint else DEFAULT_CHECKPOINT, args.batch, args.max_tokens,
+                     args.quantize)
     torch.set_num_threads(1)
     tok = Tokenizer.load(args.checkpoint or DEFAULT_CHECKPOINT)
     doc_ids = tok.encode(json.dumps(DOCUMENT))  # ", " and ": ", as model.grammar generates
