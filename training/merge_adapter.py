@@ -17,7 +17,6 @@ from typing import Any
 import torch
 
 from training.common import TrainingError, field, run_job
-from training.finetune import resolve_init
 
 
 @dataclass
@@ -29,12 +28,12 @@ class MergeConfig:
 
 def main(cfg: MergeConfig) -> Path:
     from model.adapters import AdapterError, load_merged
-    from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+    from model.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint, save_checkpoint
 
     if not cfg.adapter or not cfg.out_dir:
         raise TrainingError("pass --adapter DIR and --out_dir DIR")
-    base = resolve_init(cfg.init_from)
     try:
+        base = resolve_checkpoint(cfg.init_from)
         ckpt = load_checkpoint(base, dtype=torch.float32)
         adapter = load_merged(base, cfg.adapter, ckpt.model)
     except (AdapterError, CheckpointError) as e:
