@@ -106,12 +106,12 @@ def main() -> None:
     prompts = [torch.randint(100, 20000, (32,), generator=gen).tolist() for _ in range(args.requests)]
     names = [a.name for a in adapters]
     throughput(engine, prompts[:args.concurrency], [None, *names], 4)  # warm every model
-    runs = {"base only": [None], f"base + {len(names)} adapters mixed": [None, *names],
-            f"{names[0]} only": [names[0]]}
+    runs = [("base only", [None]), (f"{names[0]} only", [names[0]]),
+            (f"base + {len(names)} adapters mixed", [None, *names]), ("base only, again (drift)", [None])]
     print(f"{served.model.capabilities.path}, {args.requests} requests x {args.new_tokens} tokens, "
           f"{args.concurrency} slots, torch threads {torch.get_num_threads()}")
     baseline = None
-    for label, models in runs.items():
+    for label, models in runs:
         tps = throughput(engine, prompts, models, args.new_tokens)
         baseline = baseline or tps
         print(f"  {label:28} {tps:8.1f} tok/s  {tps / baseline:5.2f}x base only")

@@ -18,6 +18,7 @@ from fastapi.testclient import TestClient
 from model.adapters import WEIGHTS_FILE, merge_adapter, read_adapter
 from model.checkpoint import load_checkpoint
 from model.generate import generate
+from model.head import ClassifierHead, HeadInfo, base_identity, save_head
 from model.sampling import SamplingParams
 from model.tokenizer import render_chat
 from tests.adapter_fixtures import write_lora
@@ -31,6 +32,8 @@ def adapters_dir(app_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory)
     root = tmp_path_factory.mktemp("served_adapters")
     write_lora(app_checkpoint, root / "alpha", seed=1)
     write_lora(app_checkpoint, root / "beta", seed=2)
+    info = HeadInfo(labels=["a", "b"], layer=1, pooling="mean", base=base_identity(app_checkpoint))
+    save_head(root / "intents", ClassifierHead(64, 2), info)  # a classification head only: no LoRA
     return root
 
 
@@ -68,7 +71,8 @@ def _chat(client: TestClient, model: str | None) -> dict:
 
 def test_models_lists_the_base_and_every_adapter(client: TestClient, adapters_dir: Path) -> None:
     cards = client.get("/v1/models").json()["data"]
-    assert [(c["id"], c["parent"]) for c in cards][:3] == [("tiny", None), ("alpha", "tiny"), ("beta", "tiny")]
+    assert [(c["id"], c["parent"]) for c in cards][:4] == [("tiny", None), ("alpha", "tiny"), ("beta", "tiny"),
+                                                           ("intents", "tiny")]
     assert cards[1]["root"] == str(adapters_dir / "alpha")
 
 
@@ -121,7 +125,7 @@ def test_adapter_added_while_serving_and_broken_one_refused(client: TestClient, 
             assert time.monotonic() < deadline, "gamma was not picked up"
             time.sleep(0.1)
         time.sleep(0.5)  # one more poll: broken has been tried too
-    assert [c["id"] for c in client.get("/v1/models").json()["data"]] == ["tiny", "alpha", "beta", "gamma"]
+    assert [c["id"] for c in client.get("/v1/models").json()["data"]] == ["tiny", "alpha", "beta", "gamma", "intents"]
     assert any("adapter broken refused" in r.getMessage() and "cannot read" in r.getMessage()
                for r in caplog.records)
     assert _chat(client, "gamma")["choices"][0]["message"]["content"] == oracle("gamma")

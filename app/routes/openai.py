@@ -92,13 +92,16 @@ def _completion_items(svc: Service, prompts: list[str | list[int]], params: Samp
 
 @router.get("/v1/models", response_model=ModelList)
 async def models(svc: Service = Depends(get_service)) -> ModelList:
-    """The base model, then every LoRA adapter served now (its `parent` is the base model)."""
+    """The base model, then every adapter served now — a LoRA adapter, a classification head or both
+    (its `parent` is the base model)."""
     base = ModelCard(id=svc.model_name, created=STARTED, max_model_len=svc.max_model_len,
                      serving_path=svc.serving_path)
     root = Path(svc.settings.adapters_dir or ".")
+    heads = svc.heads.registry.heads if svc.heads is not None else {}
+    names = sorted({*svc.adapters(), *heads})
     adapters = [ModelCard(id=name, created=STARTED, max_model_len=svc.max_model_len, root=str(root / name),
                           serving_path=svc.serving_path,
-                          parent=svc.model_name) for name in svc.adapters()]
+                          parent=svc.model_name) for name in names]
     return ModelList(data=[base, *adapters])
 
 
