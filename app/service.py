@@ -268,7 +268,8 @@ class Service:
         prior = self._priors.get(spec)
         needs_prior = prior is None and calibration in tasks.PRIOR_CALIBRATIONS
         free = [(p, conts) for p in tasks.content_free_prompts(tok, spec, system)] if needs_prior else []
-        all_ll = await self._score(request, jobs + free, endpoint)
+        # the admission bound counts the caller's texts; the prior's few content-free prompts ride along
+        all_ll = await self._score(request, jobs + free, endpoint, slots=len(jobs))
         if needs_prior:
             prior = self._priors.put(spec, tasks.content_free_prior(all_ll[len(jobs):]))
         lengths = [len(c) for c in conts]
@@ -282,11 +283,11 @@ class Service:
         return results
 
     async def _score(self, request: Request, jobs: list[tuple[list[int], list[list[int]]]],
-                     endpoint: str) -> list[list[float]]:
+                     endpoint: str, slots: int) -> list[list[float]]:
         """engine.score for every (prompt, continuations) job, on the engine thread, within the deadline."""
         t0 = time.perf_counter()
         deadline = self.settings.request_timeout_s
-        with self.client.reserve(len(jobs)):
+        with self.client.reserve(slots):
             try:
                 all_ll = await until_disconnect(request, asyncio.wait_for(
                     self.client.score_each(jobs), deadline))

@@ -118,10 +118,10 @@ def rejecting_loader(bad_prompt: list[int], delay_s: float = 0.02):
         loaded = slow_loader(delay_s)(settings)
         add = loaded.engine.add_request
 
-        def add_request(request_id, prompt_ids, params):
+        def add_request(request_id, prompt_ids, params, **kwargs):
             if list(prompt_ids) == bad_prompt:
                 raise RequestRejected("simulated rejection of one batch item")
-            return add(request_id, prompt_ids, params)
+            return add(request_id, prompt_ids, params, **kwargs)
 
         loaded.engine.add_request = add_request
         return loaded
@@ -174,10 +174,10 @@ def counting_score_loader(delay_s: float, calls: list[int]):
         loaded = load_model(settings)
         score = loaded.engine.score
 
-        def slow_score(prompt_ids, continuations):
+        def slow_score(prompt_ids, continuations, *rest):
             calls.append(len(prompt_ids))
             time.sleep(delay_s)
-            return score(prompt_ids, continuations)
+            return score(prompt_ids, continuations, *rest)
 
         loaded.engine.score = slow_score
         return loaded
@@ -290,6 +290,7 @@ def test_back_to_back_classify_calls_do_not_starve_decodes(app_checkpoint: Path)
     texts = {"text": [f"review number {i}: fine" for i in range(5)], "labels": ["positive", "negative"]}
     with make_client(settings_for(app_checkpoint), loader=counting_score_loader(0.2, calls)) as client, \
             ThreadPoolExecutor(2) as pool:
+        assert client.post("/classify", json={**texts, "text": "warm the label set's prior"}).status_code == 200
         calls.clear()
         heavy = [pool.submit(client.post, "/classify", json=texts) for _ in range(2)]
         assert wait_until(lambda: len(calls) >= 2)
