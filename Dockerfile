@@ -7,7 +7,7 @@
 #
 # The server binds 0.0.0.0 here, so it refuses to start without a key: SEEDLING_API_KEYS, a key file
 # (SEEDLING_API_KEYS_FILE, or a Docker secret named seedling_api_keys, read from /run/secrets), or
-# SEEDLING_ALLOW_UNAUTHENTICATED=1 to serve without authentication on purpose (README "Security").
+# SEEDLING_ALLOW_UNAUTHENTICATED=1 to serve without authentication on purpose (docs/security.md).
 #
 # Python is installed by .ci/setup.sh, the same script as the README quick start and CI, so a green
 # CI run proves this image's Python set-up. No weights and no secrets are baked in: checkpoints live
@@ -24,7 +24,7 @@ FROM ${BASE_IMAGE} AS build
 # empty means PyPI (whose Linux torch wheels bundle CUDA libraries: large, but run on CPU too).
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ARG TORCH_SPEC=torch==2.13.0
-# PIP_FIND_LINKS: an optional local wheel directory/URL (air-gapped builds; see README Troubleshooting)
+# PIP_FIND_LINKS: an optional local wheel directory/URL (air-gapped builds; see docs/troubleshooting.md)
 ARG PIP_FIND_LINKS=
 ENV DEBIAN_FRONTEND=noninteractive \
     PIP_NO_CACHE_DIR=1 \
@@ -56,7 +56,7 @@ RUN .ci/setup.sh && rm -rf ./*.egg-info/ .ci/ \
 FROM ${RUNTIME_IMAGE} AS runtime
 # Metadata first and the big layer (venv + code) last: each later instruction would otherwise
 # snapshot the whole image again on storage drivers without copy-on-write (vfs).
-# Settings: SEEDLING_* variables (README "Configuration"); only the container-specific ones here.
+# Settings: SEEDLING_* variables (docs/configuration.md); only the container-specific ones here.
 # NVIDIA_*: read by the NVIDIA container toolkit when the CUDA build runs with a GPU reservation.
 ENV DEBIAN_FRONTEND=noninteractive \
     PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \

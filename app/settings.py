@@ -51,43 +51,56 @@ class ServerSettings(BaseSettings):
                                       env_ignore_empty=True, extra="forbid", validate_by_name=True)
 
     # ---- model and engine
-    checkpoint: str | None = Field(None, description="checkpoint directory; unset = default SmolLM2")
-    model_name: str | None = Field(None, description="name in /v1/models and `model`; unset = dir name")
+    checkpoint: str | None = Field(None,
+        description="checkpoint directory to serve; unset = SmolLM2-135M-Instruct, fetched on first start")
+    model_name: str | None = Field(None,
+        description="name in /v1/models, accepted as `model`; unset = the checkpoint directory's name")
     adapters_dir: str | None = Field(None, description="adapters (one subdirectory each; classification heads: "
                                      "head.json) served by name; unset = none")
     adapters_poll_s: float = Field(2.0, ge=0, description="seconds between scans of adapters_dir for new, "
                                    "changed or removed LoRA adapters; 0 = at start only")
     device: str = Field("auto", description="auto (cuda when present, else cpu) | cpu | cuda | cuda:N")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bf16 on cuda, f32 on cpu")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto",
+        description="auto: bf16 on cuda, f32 on cpu")
     quantize: Literal[("auto", "none", *QUANTIZATIONS)] = Field(  # type: ignore[valid-type]
         "auto", description="auto: q4 where the native CPU kernels run, else none (bench/quality.py)")
-    max_num_seqs: int = Field(_ENGINE.max_num_seqs, ge=1, description="sequences decoded together")
-    max_model_len: int = Field(_ENGINE.max_model_len, ge=16, description="prompt + generated tokens")
-    max_num_batched_tokens: int = Field(_ENGINE.max_num_batched_tokens, ge=1, description="tokens per step")
-    prefill_chunk: int = Field(_ENGINE.prefill_chunk, ge=1, description="longest prefill piece per step")
+    max_num_seqs: int = Field(_ENGINE.max_num_seqs, ge=1,
+        description="sequences decoded together (KV-cache slots)")
+    max_model_len: int = Field(_ENGINE.max_model_len, ge=16,
+        description="prompt + generated tokens per sequence (one slot's length)")
+    max_num_batched_tokens: int = Field(_ENGINE.max_num_batched_tokens, ge=1,
+        description="tokens per engine step, prefill chunks + decodes (raised to max_num_seqs)")
+    prefill_chunk: int = Field(_ENGINE.prefill_chunk, ge=1,
+        description="longest prefill piece per sequence per step (bounds a long prompt's stall)")
     enable_prefix_caching: bool = Field(_ENGINE.enable_prefix_caching, validation_alias="SEEDLING_PREFIX_CACHING",
-                                        description="reuse the K/V of a shared prompt prefix")
-    cuda_graphs: bool = Field(_ENGINE.cuda_graphs, description="replay GPU decode steps as CUDA graphs")
+                                        description="reuse the K/V of a shared prompt prefix (e.g. a long system prompt)")
+    cuda_graphs: bool = Field(_ENGINE.cuda_graphs,
+        description="replay GPU decode steps as CUDA graphs (opt-in; not yet measured on a GPU)")
     warmup: bool = Field(True, description="run one tiny generation before /ready turns green")
     engine_stall_timeout_s: float = Field(120.0, ge=2, description="a step hanging longer: /health 503, exit 1")
     # ---- requests
     max_tokens_default: int = Field(256, ge=1, description="max new tokens when a request does not say")
-    max_tokens_limit: int = Field(1024, ge=1, description="the most new tokens a request may ask for")
+    max_tokens_limit: int = Field(1024, ge=1, description="the most new tokens a request may ask for (400 above)")
     max_queued_requests: int = Field(64, ge=0, description="items waiting beyond max_num_seqs before 429")
     max_batch_items: int = Field(64, ge=1, description="items in one list input (texts, prompts)")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="larger request bodies get 413")
     request_timeout_s: float = Field(300.0, gt=0, description="per-request deadline (504, aborted)")
     default_system_prompt: str | None = Field(None, description="system message added when a chat has none")
     # ---- access
-    api_keys: CommaList = Field((), repr=False, description="accepted bearer keys (comma list)")
+    api_keys: CommaList = Field((), repr=False,
+        description="accepted bearer keys (comma list); empty = no authentication")
     api_keys_file: str | None = Field(None, description="file with more keys, one per line (Docker secret)")
-    allow_unauthenticated: bool = Field(False, description="allow a non-loopback bind without keys")
-    open_paths: CommaList = Field(("/health", "/ready", "/metrics"), description="paths that need no key")
+    allow_unauthenticated: bool = Field(False,
+        description="allow a non-loopback host without any key (refused otherwise)")
+    open_paths: CommaList = Field(("/health", "/ready", "/metrics"),
+        description="paths that need no key when keys are set")
     cors_origins: CommaList = Field((), description="allowed CORS origins (\"*\" for any); empty = no CORS")
     # ---- process
-    host: str = Field("127.0.0.1", description="bind address of `python -m app`")
+    host: str = Field("127.0.0.1",
+        description="bind address of `python -m app` (0.0.0.0, as in Docker, needs a key)")
     port: int = Field(8000, ge=1, le=65535, description="bind port of `python -m app`")
-    drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM: seconds in-flight requests get")
+    drain_timeout_s: float = Field(30.0, ge=0,
+        description="on SIGTERM: seconds in-flight requests get to finish (then 503)")
     log_level: Annotated[Literal["debug", "info", "warning", "error", "critical"], BeforeValidator(str.lower)] = Field(
         "info", description="log level of the server and uvicorn")
     log_prompts: bool = Field(False, description="log prompts and outputs (off: privacy)")

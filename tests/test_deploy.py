@@ -6,7 +6,7 @@ No Docker engine needed: the Dockerfile is linted with hadolint (the `hadolint-b
 dev extra), docker-compose.yml is parsed with PyYAML and checked the way `docker compose config`
 would plus our own rules (host-network override, healthchecks on /ready, one checkpoint volume),
 and every `make` target, `python -m` module, console script and SEEDLING_* variable that README.md
-names must exist in the code, so the docs cannot rot silently.
+or a page under docs/ names must exist in the code, so the docs cannot rot silently.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE = ROOT / "docker-compose.yml"
 HOST_OVERRIDE = ROOT / ".ci" / "compose.host.yml"
 README = ROOT / "README.md"
+DEPLOYMENT_DOC = ROOT / "docs" / "deployment.md"
+DOCS = (README, *sorted((ROOT / "docs").glob("*.md")))  # everything a user reads for commands
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -201,19 +203,20 @@ def test_host_override_commands_use_compose_v2() -> None:
     them. So every documented command with the override must be `docker compose`, never v1's."""
     assert any(str(p).startswith("${API_PORT") for p in _compose()["services"]["api"]["ports"])
     v2_lines = 0
-    for path in (README, COMPOSE, HOST_OVERRIDE):
+    for path in (DEPLOYMENT_DOC, COMPOSE, HOST_OVERRIDE):
         for line in path.read_text().splitlines():
             if "compose.host.yml" in line and re.search(r"\s-f\s", line):
                 assert not re.search(r"\bdocker-compose\s+(-f|--file)\b", line), f"v1 command in {path.name}: {line}"
                 v2_lines += bool(re.search(r"\bdocker compose -f docker-compose\.yml -f \.ci/compose\.host\.yml\b", line))
-    assert v2_lines >= 3, "README and the override document the v2 command"
+    assert v2_lines >= 3, "docs/deployment.md and the override document the v2 command"
 
 
 # ---------------------------------------------------------------------------- README names exist
 def _readme_shell_commands() -> list[str]:
-    """Each command in README's shell code blocks and inline code spans, one string per command."""
-    text = README.read_text()
-    chunks = re.findall(r"```(?:bash|sh|shell|console)?\n(.*?)```", text, flags=re.S)
+    """Each command in the shell code blocks and inline code spans of README.md and docs/*.md."""
+    text = "\n".join(path.read_text() for path in DOCS)
+    chunks = [body for lang, body in re.findall(r"```(\w*)\n(.*?)```", text, flags=re.S)
+              if lang in ("", "bash", "sh", "shell", "console")]  # not python / mermaid blocks
     # inline spans with a space look like commands (`make serve`); one word is a name (`seedling-data`)
     chunks += [span for span in re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
                if " " in span.strip()]
@@ -238,7 +241,7 @@ def test_readme_make_targets_exist() -> None:
         if m:
             named.update(w for w in m.group(1).split() if not w.startswith("-") and "=" not in w)
     assert {"serve", "test"} <= named, "the quick start's two commands"
-    assert named <= targets, f"README names make targets the Makefile lacks: {named - targets}"
+    assert named <= targets, f"README or docs/ name make targets the Makefile lacks: {named - targets}"
 
 
 def test_readme_python_modules_exist() -> None:
@@ -257,7 +260,7 @@ def test_readme_python_modules_exist() -> None:
             ok = importlib.util.find_spec(top) is not None
         if not ok:
             missing.append(mod)
-    assert not missing, f"README runs `python -m` modules that do not exist (or have no __main__): {missing}"
+    assert not missing, f"README or docs/ run `python -m` modules that do not exist (or have no __main__): {missing}"
 
 
 def test_readme_console_scripts_exist() -> None:
@@ -278,10 +281,10 @@ def test_readme_console_scripts_exist() -> None:
             if w == "--rm" and i + 2 < len(words):
                 heads.append(words[i + 2])
         named.update(h for h in heads if h.startswith("seedling"))
-    assert named <= set(scripts), f"README runs console scripts pyproject.toml lacks: {named - set(scripts)}"
+    assert named <= set(scripts), f"README or docs/ run console scripts pyproject.toml lacks: {named - set(scripts)}"
 
 
 def test_readme_env_vars_exist() -> None:
-    named = set(re.findall(r"\bSEEDLING_[A-Z0-9_]*[A-Z0-9]\b", README.read_text()))
+    named = {name for path in DOCS for name in re.findall(r"\bSEEDLING_[A-Z0-9_]*[A-Z0-9]\b", path.read_text())}
     unknown = named - _known_env_vars()
-    assert not unknown, f"README names SEEDLING_* variables no code reads: {sorted(unknown)}"
+    assert not unknown, f"README or docs/ name SEEDLING_* variables no code reads: {sorted(unknown)}"
