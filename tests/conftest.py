@@ -37,6 +37,23 @@ TINY_CORPUS = [
 TINY_SEED = 1234
 
 
+@pytest.fixture(scope="session")
+def _session_torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads(_session_torch_threads: int) -> None:
+    """Jobs run in-process (in tests or module fixtures) set torch's thread count (`--threads 1`); every
+    test starts from the session's count, so numerics that depend on it (fbgemm's w8a8 kernels round
+    differently on one thread) do not depend on test order."""
+    import torch
+
+    torch.set_num_threads(_session_torch_threads)
+
+
 @pytest.fixture(autouse=True)
 def _no_server_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """ServerSettings() reads SEEDLING_* variables: the developer's own never reach a test (model/'s
