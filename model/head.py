@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ import torch
 from torch import nn
 
 from model.features import FeatureError, FeatureSpec
+from model.versioned import atomic_write_bytes
 
 HEAD_WEIGHTS, HEAD_META = "head.safetensors", "head.json"
 
@@ -94,19 +93,6 @@ def base_identity(checkpoint_dir: str | Path) -> dict[str, Any]:
     return {"name": path.name, "weights_sha256": digest.hexdigest()}
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_head(directory: str | Path, head: ClassifierHead, info: HeadInfo) -> Path:
     """Write head.safetensors then head.json into `directory` (created; other files left alone)."""
     from safetensors.torch import save
@@ -114,8 +100,8 @@ def save_head(directory: str | Path, head: ClassifierHead, info: HeadInfo) -> Pa
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
-    _atomic_write(path / HEAD_WEIGHTS, save(tensors))
-    _atomic_write(path / HEAD_META, (json.dumps(asdict(info), indent=2, ensure_ascii=False) + "\n").encode())
+    atomic_write_bytes(path / HEAD_WEIGHTS, save(tensors))
+    atomic_write_bytes(path / HEAD_META, (json.dumps(asdict(info), indent=2, ensure_ascii=False) + "\n").encode())
     return path
 
 

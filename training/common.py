@@ -17,7 +17,6 @@ import math
 import os
 import random
 import sys
-import tempfile
 import typing
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 
 from model.checkpoint import CheckpointError
 from model.device import DeviceError
+from model.versioned import atomic_write_bytes
 
 C = TypeVar("C")
 log = logging.getLogger(__name__)
@@ -278,20 +278,6 @@ def autocast(device: torch.device, dtype: str) -> Any:
 
 
 # ---------------------------------------------------------------------------- files
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 

@@ -74,7 +74,7 @@ def write_jsonl(path: Path, records: Sequence[Mapping[str, Any]]) -> None:
 
 # ---------------------------------------------------------------------------- token shards
 def write_shard(path: Path, tokens: Sequence[int] | np.ndarray, vocab_size: int) -> None:
-    from training.common import atomic_write_bytes
+    from model.versioned import atomic_write_bytes
 
     code = 1 if vocab_size <= 65536 else 2
     arr = np.asarray(tokens, dtype=_DTYPES[code])
