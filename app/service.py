@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -285,12 +285,18 @@ class Service:
     async def _score(self, request: Request, jobs: list[tuple[list[int], list[list[int]]]],
                      endpoint: str, slots: int) -> list[list[float]]:
         """engine.score for every (prompt, continuations) job, on the engine thread, within the deadline."""
+        return await self._classify_work(request, lambda: self.client.score_each(jobs), slots, endpoint,
+                                         prompt_tokens=sum(len(p) for p, _ in jobs))
+
+    async def _classify_work(self, request: Request, start: Callable[[], Awaitable[T]], slots: int,
+                             endpoint: str, prompt_tokens: int) -> T:
+        """Engine work for `slots` texts (zero-shot scoring or a head's forward): admission, the deadline,
+        abort on disconnect, outcome and latency metrics. `start` is called only once admitted."""
         t0 = time.perf_counter()
-        deadline = self.settings.request_timeout_s
         with self.client.reserve(slots):
             try:
-                all_ll = await until_disconnect(request, asyncio.wait_for(
-                    self.client.score_each(jobs), deadline))
+                result = await until_disconnect(request, asyncio.wait_for(
+                    start(), self.settings.request_timeout_s))
             except TimeoutError:
                 self._count(endpoint, "timeout")
                 raise DeadlineExceeded("classification deadline exceeded", code="timeout") from None
@@ -299,8 +305,8 @@ class Service:
                 raise
         if self.metrics is not None:
             self.metrics.e2e.observe(time.perf_counter() - t0)
-            self.metrics.prompt_tokens.inc(sum(len(p) for p, _ in jobs))
-        return all_ll
+            self.metrics.prompt_tokens.inc(prompt_tokens)
+        return result
 
     # ------------------------------------------------------------------ classify with a head
     def head_for(self, labels: list[str] | None, model: str | None) -> tuple[str, LoadedHead] | None:
@@ -340,20 +346,9 @@ class Service:
         assert self.heads is not None
         name, loaded = head  # the route has refused over-long texts by their characters
         ids = await self.prompts.run(self._head_ids, texts, loaded)
-        t0 = time.perf_counter()
-        with self.client.reserve(len(texts)):
-            try:
-                all_probs = await until_disconnect(request, asyncio.wait_for(
-                    self.heads.probabilities(name, loaded, ids), self.settings.request_timeout_s))
-            except TimeoutError:
-                self._count(endpoint, "timeout")
-                raise DeadlineExceeded("classification deadline exceeded", code="timeout") from None
-            except BaseException as exc:
-                self._count(endpoint, _outcome_of(exc))
-                raise
-        if self.metrics is not None:
-            self.metrics.e2e.observe(time.perf_counter() - t0)
-            self.metrics.prompt_tokens.inc(sum(len(x) for x in ids))
+        heads = self.heads
+        all_probs = await self._classify_work(request, lambda: heads.probabilities(name, loaded, ids), len(texts),
+                                              endpoint, prompt_tokens=sum(len(x) for x in ids))
         results = []
         for x, probs in zip(ids, all_probs, strict=True):
             ranked = sorted(zip(loaded.info.labels, probs, strict=True), key=lambda lp: -lp[1])
