@@ -98,13 +98,14 @@ class AppState:
 def load_model(settings: ServerSettings) -> Loaded:
     """Checkpoint -> LLMEngine on the right device and dtype (runs in a worker thread)."""
 
+    from model.checkpoint import resolve_checkpoint
     from model.device import resolve_device, resolve_dtype
     from model.engine import LLMEngine
     from model.inference import adapt_for_serving, load_for_serving
 
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
-    path = settings.resolve_checkpoint()
+    path = resolve_checkpoint(settings.checkpoint)
     served = load_for_serving(path, device=device, dtype=dtype, quantize=settings.quantize)
     max_model_len = min(settings.max_model_len, served.model.config.max_seq_len)
     if max_model_len < settings.max_model_len:

@@ -53,10 +53,12 @@ def test_bad_settings_fail_loudly(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
 
 
 def test_bad_dotenv_and_explicit_names_fail_loudly(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    with pytest.raises(SettingsError, match="unknown setting SEEDLING_MAX_TOKEN_LIMIT in .env"):
+    with pytest.raises(SettingsError, match=r"unknown setting SEEDLING_MAX_TOKEN_LIMIT in .env "
+                                            r"\(did you mean SEEDLING_MAX_TOKENS_LIMIT\?\)"):
         settings_from_env(monkeypatch, tmp_path, {}, dotenv="SEEDLING_MAX_TOKEN_LIMIT=5\n")
     (tmp_path / ".env").unlink()
-    with pytest.raises(SettingsError, match="unknown setting max_num_seq; known: .*max_num_seqs"):
+    with pytest.raises(SettingsError, match=r"unknown setting max_num_seq \(did you mean max_num_seqs\?\); "
+                                            "known: .*max_num_seqs"):
         ServerSettings(max_num_seq=4)
 
 

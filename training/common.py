@@ -62,11 +62,9 @@ def _describe(cls: type, err: Any) -> str:
     return f"config key {key!r} {what}, got {err['input']!r}"
 
 
-def field(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any = dataclasses.MISSING) -> Any:
-    """A dataclass field with a one-line help text (shown by --help)."""
-    if default_factory is not dataclasses.MISSING:
-        return dataclasses.field(default_factory=default_factory, metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
+def field(default: Any = dataclasses.MISSING, *, help: str, **kwargs: Any) -> Any:
+    """A dataclass field with a one-line help text (shown by --help); `default_factory=` as usual."""
+    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
 
 
 def load_config_file(path: Path) -> dict[str, Any]:
@@ -86,20 +84,14 @@ def load_config_file(path: Path) -> dict[str, Any]:
 def build_config(cls: type[C], presets: Mapping[str, Mapping[str, Any]], preset: str | None = None,
                  file_values: Mapping[str, Any] | None = None, **overrides: Any) -> C:
     """defaults < preset < config file < overrides; unknown keys raise TrainingError."""
-    known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    if preset and preset not in presets:
+        raise TrainingError(f"unknown preset {preset!r}; choose one of {sorted(presets)}")
+    known = sorted(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
     values: dict[str, Any] = {}
-    layers: list[tuple[str, Mapping[str, Any]]] = []
-    if preset:
-        if preset not in presets:
-            raise TrainingError(f"unknown preset {preset!r}; choose one of {sorted(presets)}")
-        layers.append((f"preset {preset!r}", presets[preset]))
-    if file_values:
-        layers.append(("config file", file_values))
-    layers.append(("overrides", overrides))
-    for origin, layer in layers:
-        unknown = sorted(set(layer) - set(known))
-        if unknown:
-            raise TrainingError(f"unknown config keys in {origin}: {unknown}; valid keys: {sorted(known)}")
+    for origin, layer in ((f"preset {preset!r}", presets[preset] if preset else {}),
+                          ("config file", file_values or {}), ("overrides", overrides)):
+        if unknown := sorted(set(layer) - set(known)):
+            raise TrainingError(f"unknown config keys in {origin}: {unknown}; valid keys: {known}")
         values.update(layer)
     return _validate(cls, values)
 
@@ -114,18 +106,16 @@ def make_parser(cls: type, presets: Mapping[str, Any], prog: str | None = None,
     parser.add_argument("--config", type=Path, default=None, help="JSON or YAML file of option: value")
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        flag = "--" + f.name
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
+        tp, factory = hints[f.name], f.default_factory
+        default = factory() if factory is not dataclasses.MISSING else (  # type: ignore[misc]
+            None if f.default is dataclasses.MISSING else f.default)
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS,
                                   "help": f"{f.metadata.get('help', '')} (default: {default!r})"}
         if tp is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(tp) in (list, tuple) or tp in (list, tuple):
-            parser.add_argument(flag, nargs="*", **kwargs)
-        else:  # a string; _validate converts it to the field's type
-            parser.add_argument(flag, **kwargs)
+            kwargs["nargs"] = "*"
+        parser.add_argument("--" + f.name, **kwargs)  # other values stay strings; _validate converts them
     return parser
 
 
