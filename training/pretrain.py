@@ -13,6 +13,7 @@ last checkpoint left off (same losses, same weights as an uninterrupted run, on 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from model.config import ModelConfig, preset
 from model.device import resolve_device
 from model.transformer import Transformer
 from training.common import (
+    Dist,
     MetricsLog,
     TrainingError,
     all_reduce_mean,
@@ -163,14 +165,48 @@ def save(out_dir: Path, model: Transformer, optimizer: torch.optim.Optimizer, to
             p.unlink(missing_ok=True)
 
 
-# ---------------------------------------------------------------------------- the job
-def main(cfg: PretrainConfig) -> dict[str, Any]:
-    from tqdm import tqdm
+# ---------------------------------------------------------------------------- the job, step by step
+@dataclass
+class Run:
+    """What one pretraining process holds: built by `setup`, resumed by `resume`, advanced by `train`."""
+    cfg: PretrainConfig
+    device: torch.device
+    dist: Dist
+    out_dir: Path
+    data_dir: Path
+    tokenizer: Any
+    mcfg: ModelConfig
+    train_windows: PackedWindows
+    val_windows: PackedWindows
+    model: Transformer
+    optimizer: torch.optim.Optimizer
+    metrics: MetricsLog
 
-    from model.checkpoint import load_checkpoint, read_meta, recover_checkpoint
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.batch_size * self.cfg.seq_len * self.cfg.grad_accum * self.dist.world_size
+
+
+@dataclass
+class Meter:
+    """Throughput since the last metrics record, the latest losses, and MFU when a peak is known."""
+    last_step: int  # of the last metrics record
+    flops_per_token: float
+    peak_tflops: float
+    t0: float
+    last_t: float
+    tok_s: float = 0.0
+    loss: float = float("nan")
+    val_loss: float = float("nan")
+
+    def mfu(self, tok_s: float) -> float:
+        return round(self.flops_per_token * tok_s / (self.peak_tflops * 1e12), 4)
+
+
+def setup(cfg: PretrainConfig) -> Run:
+    """1. process, device, output; 2. tokenizer, data, model, optimizer (weights seeded by cfg.seed)."""
     from model.tokenizer import Tokenizer
 
-    # 1. process, device, output
     set_threads(cfg.threads)
     device = resolve_device(cfg.device)
     dist = init_distributed(device)
@@ -185,7 +221,6 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
         write_json(out_dir / "config.json", config_dict(cfg))
     barrier(dist)
 
-    # 2. tokenizer, data, model
     tok_dir = data_dir / "tokenizer"
     if not tok_dir.exists():
         raise TrainingError(f"{tok_dir} not found; run `seedling-train train_tokenizer --out_dir {data_dir}` first")
@@ -197,136 +232,174 @@ def main(cfg: PretrainConfig) -> dict[str, Any]:
     seed_everything(cfg.seed)
     model = Transformer(mcfg).init_weights(cfg.seed).to(device)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device)
-    metrics = MetricsLog(out_dir / "metrics.jsonl", enabled=dist.is_main)
+    return Run(cfg, device, dist, out_dir, data_dir, tokenizer, mcfg, train_windows, val_windows, model, optimizer,
+               MetricsLog(out_dir / "metrics.jsonl", enabled=dist.is_main))
 
-    # 3. resume
+
+def resume(run: Run) -> int:
+    """3. The step to start from: the published checkpoint's, with its weights, optimizer and RNG state
+    restored and later metrics records dropped; 0 (and a fresh metrics log) without one."""
+    from model.checkpoint import load_checkpoint, read_meta, recover_checkpoint
+
     start = 0
-    ckpt_dir = recover_checkpoint(out_dir / "checkpoint") if cfg.resume else None
+    ckpt_dir = recover_checkpoint(run.out_dir / "checkpoint") if run.cfg.resume else None
     if ckpt_dir is not None:
         start = int(read_meta(ckpt_dir)["step"])
-        sp = state_path(out_dir, start)
+        sp = state_path(run.out_dir, start)
         if not sp.exists():
             raise TrainingError(f"{ckpt_dir} is at step {start} but {sp} is missing; cannot resume exactly "
                                 f"(pass --no-resume with a new --out_dir to start over)")
         loaded = load_checkpoint(ckpt_dir, device="cpu", dtype=torch.float32)
-        if loaded.config.to_dict() != mcfg.to_dict():
+        if loaded.config.to_dict() != run.mcfg.to_dict():
             raise TrainingError(f"{ckpt_dir} has a different model shape than this config; use a new --out_dir")
-        model.load_state_dict(loaded.model.state_dict())
-        state = torch.load(sp, map_location=device, weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
+        run.model.load_state_dict(loaded.model.state_dict())
+        state = torch.load(sp, map_location=run.device, weights_only=True)
+        run.optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
-        metrics.truncate_after(start)
-        if dist.is_main:
+        run.metrics.truncate_after(start)
+        if run.dist.is_main:
             print(f"resumed from {ckpt_dir} at step {start}")
-    elif dist.is_main:
-        metrics.reset()
-    barrier(dist)
-    if start >= cfg.max_steps:
-        print(f"already at step {start} >= max_steps {cfg.max_steps}; nothing to do")
-        close_distributed(dist)
-        return {"step": start}
+    elif run.dist.is_main:
+        run.metrics.reset()
+    barrier(run.dist)
+    return start
 
-    # 4. wrap for speed / parallelism
-    train_model: torch.nn.Module = model
-    if cfg.compile:
+
+def wrap(run: Run) -> torch.nn.Module:
+    """4. The model the loop runs: compiled and/or DDP-wrapped (the same parameters as `run.model`)."""
+    train_model: torch.nn.Module = run.model
+    if run.cfg.compile:
         train_model = torch.compile(train_model)  # type: ignore[assignment]
-    if dist.enabled:
+    if run.dist.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+        train_model = DDP(train_model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
     train_model.train()
+    return train_model
 
-    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * dist.world_size
-    fpt = flops_per_token(mcfg, cfg.seq_len)
-    peak = cfg.peak_tflops or (989.0 if device.type == "cuda" else 0.0)
-    if dist.is_main:
-        print(f"model {mcfg.num_params() / 1e6:.2f}M params; {train_windows.n_windows} train windows of "
-              f"{cfg.seq_len}; {tokens_per_step} tokens/step on {dist.world_size} process(es), {device}")
-    bar = tqdm(total=cfg.max_steps, initial=start, disable=not (cfg.progress and dist.is_main),
+
+def train_step(run: Run, train_model: torch.nn.Module, step: int, lr: float) -> float:
+    """One optimizer update at `lr` over grad_accum micro-batches; the loss, averaged over processes."""
+    cfg, dist = run.cfg, run.dist
+    set_lr(run.optimizer, lr)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros((), device=run.device)
+    for micro in range(cfg.grad_accum):
+        g = (step * cfg.grad_accum + micro) * dist.world_size + dist.rank  # global micro-batch index
+        x, y = run.train_windows.batch(g * cfg.batch_size, cfg.batch_size)  # (B, T) each
+        x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+        sync = micro == cfg.grad_accum - 1 or not dist.enabled
+        # DDP all-reduces gradients only on the last micro-batch of the step
+        with train_model.no_sync() if not sync else contextlib.nullcontext():  # type: ignore[operator]
+            with autocast(run.device, cfg.dtype):
+                logits = train_model(x)  # (B, T, V)
+                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            (loss / cfg.grad_accum).backward()
+        loss_sum += loss.detach()
+    return all_reduce_mean(loss_sum / cfg.grad_accum, dist).item()
+
+
+def nan_error(run: Run, loss: float, step: int) -> TrainingError:
+    """The error for a loss that is not finite: nothing is saved; it names the last good checkpoint."""
+    from model.checkpoint import read_meta, recover_checkpoint
+
+    good = recover_checkpoint(run.out_dir / "checkpoint")
+    where = f"the last good checkpoint is {good} (step {read_meta(good)['step']})" if good else \
+        "no checkpoint was written yet"
+    return TrainingError(f"loss became {loss} at step {step + 1}; stopped without saving; {where}. "
+                         "Lower --lr or raise --warmup_steps, then re-run to resume from it")
+
+
+def after_step(run: Run, meter: Meter, done: int, lr: float, grad_norm: float, bar: Any) -> None:
+    """Every log_every / eval_every / save_every steps (and at the end): metrics record, validation, checkpoint."""
+    cfg, last = run.cfg, done == run.cfg.max_steps
+    now = time.perf_counter()
+    if done % cfg.log_every == 0 or last:
+        meter.tok_s = run.tokens_per_step * (done - meter.last_step) / max(now - meter.last_t, 1e-9)
+        meter.last_t, meter.last_step = now, done
+        rec: dict[str, Any] = {"step": done, "loss": meter.loss, "lr": lr, "grad_norm": grad_norm,
+                               "tokens": done * run.tokens_per_step, "tok_s": round(meter.tok_s, 1)}
+        if meter.peak_tflops:
+            rec["mfu"] = meter.mfu(meter.tok_s)
+        run.metrics.write(rec)
+    bar.set_postfix(loss=f"{meter.loss:.3f}", tok_s=f"{meter.tok_s:,.0f}", lr=f"{lr:.1e}")
+    if done % cfg.eval_every == 0 or last:
+        meter.val_loss = validate(run.model, run.val_windows, cfg.eval_batches, cfg.batch_size, run.device, cfg.dtype)
+        ppl = math.exp(min(meter.val_loss, 50))
+        run.metrics.write({"step": done, "val_loss": meter.val_loss, "val_ppl": ppl})
+        if run.dist.is_main:
+            bar.write(f"step {done}: val loss {meter.val_loss:.4f}, ppl {ppl:.2f}")
+    if done % cfg.save_every == 0 or last:
+        if run.dist.is_main:
+            meta = {"job": "pretrain", "data": str(run.data_dir), "config": config_dict(cfg),
+                    "metrics": {"val_loss": meter.val_loss, "train_loss": meter.loss}}
+            save(run.out_dir, run.model, run.optimizer, run.tokenizer, done, meta)
+            plot_loss_curve(run.metrics.records(), run.out_dir / "loss.png", title=f"pretrain {run.out_dir.name}")
+        barrier(run.dist)
+
+
+def train(run: Run, start: int) -> tuple[int, Meter]:
+    """5. The loop, one optimizer update per step, from `start` to max_steps (or stop_at); the last step done."""
+    from tqdm import tqdm
+
+    cfg = run.cfg
+    if run.dist.is_main:
+        print(f"model {run.mcfg.num_params() / 1e6:.2f}M params; {run.train_windows.n_windows} train windows of "
+              f"{cfg.seq_len}; {run.tokens_per_step} tokens/step on {run.dist.world_size} process(es), {run.device}")
+    train_model = wrap(run)
+    bar = tqdm(total=cfg.max_steps, initial=start, disable=not (cfg.progress and run.dist.is_main),
                dynamic_ncols=True, unit="step")
-    last_t, last_step, tok_s = time.perf_counter(), start, 0.0
-    total_t0, val_loss = time.perf_counter(), float("nan")
-    meta_base = {"job": "pretrain", "data": str(data_dir), "config": config_dict(cfg)}
-    step = start
-    # 5. the loop: one optimizer update per step
+    now = time.perf_counter()
+    meter = Meter(start, flops_per_token(run.mcfg, cfg.seq_len),
+                  cfg.peak_tflops or (989.0 if run.device.type == "cuda" else 0.0), t0=now, last_t=now)
+    done = start
     for step in range(start, cfg.max_steps):
         lr = lr_at(step, cfg.max_steps, cfg.lr, cfg.min_lr, cfg.warmup_steps)
-        set_lr(optimizer, lr)
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(cfg.grad_accum):
-            g = (step * cfg.grad_accum + micro) * dist.world_size + dist.rank  # global micro-batch index
-            x, y = train_windows.batch(g * cfg.batch_size, cfg.batch_size)  # (B, T) each
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            sync = micro == cfg.grad_accum - 1 or not dist.enabled
-            # DDP all-reduces gradients only on the last micro-batch of the step
-            with train_model.no_sync() if not sync else _null():  # type: ignore[operator]
-                with autocast(device, cfg.dtype):
-                    logits = train_model(x)  # (B, T, V)
-                    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-                (loss / cfg.grad_accum).backward()
-            loss_sum += loss.detach()
-        loss_val = all_reduce_mean(loss_sum / cfg.grad_accum, dist).item()
-        if not math.isfinite(loss_val):
-            good = recover_checkpoint(out_dir / "checkpoint")
-            where = f"the last good checkpoint is {good} (step {read_meta(good)['step']})" if good else \
-                "no checkpoint was written yet"
+        meter.loss = train_step(run, train_model, step, lr)
+        if not math.isfinite(meter.loss):
             bar.close()
-            close_distributed(dist)
-            raise TrainingError(f"loss became {loss_val} at step {step + 1}; stopped without saving; {where}. "
-                                "Lower --lr or raise --warmup_steps, then re-run to resume from it")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item() \
+            error = nan_error(run, meter.loss, step)
+            close_distributed(run.dist)
+            raise error
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip).item() \
             if cfg.grad_clip > 0 else 0.0
-        optimizer.step()
+        run.optimizer.step()
         done = step + 1
         bar.update(1)
-
-        now = time.perf_counter()
-        if done % cfg.log_every == 0 or done == cfg.max_steps:
-            tok_s = tokens_per_step * (done - last_step) / max(now - last_t, 1e-9)
-            last_t, last_step = now, done
-            rec: dict[str, Any] = {"step": done, "loss": loss_val, "lr": lr, "grad_norm": grad_norm,
-                                   "tokens": done * tokens_per_step, "tok_s": round(tok_s, 1)}
-            if peak:
-                rec["mfu"] = round(fpt * tok_s / (peak * 1e12), 4)
-            metrics.write(rec)
-        bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.1e}")
-
-        if done % cfg.eval_every == 0 or done == cfg.max_steps:
-            val_loss = validate(model, val_windows, cfg.eval_batches, cfg.batch_size, device, cfg.dtype)
-            metrics.write({"step": done, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
-            if dist.is_main:
-                bar.write(f"step {done}: val loss {val_loss:.4f}, ppl {math.exp(min(val_loss, 50)):.2f}")
-        if done % cfg.save_every == 0 or done == cfg.max_steps:
-            if dist.is_main:
-                save(out_dir, model, optimizer, tokenizer, done,
-                     {**meta_base, "metrics": {"val_loss": val_loss, "train_loss": loss_val}})
-                plot_loss_curve(metrics.records(), out_dir / "loss.png", title=f"pretrain {out_dir.name}")
-            barrier(dist)
+        after_step(run, meter, done, lr, grad_norm, bar)
         if cfg.stop_at and done >= cfg.stop_at:
             break
     bar.close()
+    return done, meter
 
-    # 6. summary
-    elapsed = time.perf_counter() - total_t0
-    steps_run = step + 1 - start
-    summary = {"step": step + 1, "train_loss": loss_val, "val_loss": val_loss,
-               "val_ppl": math.exp(min(val_loss, 50)) if math.isfinite(val_loss) else None,
-               "tokens_per_s": round(tokens_per_step * steps_run / elapsed, 1), "seconds": round(elapsed, 1)}
-    if peak:
-        summary["mfu"] = round(fpt * summary["tokens_per_s"] / (peak * 1e12), 4)
-    if dist.is_main:
-        write_json(out_dir / "summary.json", summary)
+
+def summarize(run: Run, start: int, done: int, meter: Meter) -> dict[str, Any]:
+    """6. summary.json and one printed line: losses, throughput over the whole run, MFU."""
+    elapsed = time.perf_counter() - meter.t0
+    summary: dict[str, Any] = {
+        "step": done, "train_loss": meter.loss, "val_loss": meter.val_loss,
+        "val_ppl": math.exp(min(meter.val_loss, 50)) if math.isfinite(meter.val_loss) else None,
+        "tokens_per_s": round(run.tokens_per_step * (done - start) / elapsed, 1), "seconds": round(elapsed, 1)}
+    if meter.peak_tflops:
+        summary["mfu"] = meter.mfu(summary["tokens_per_s"])
+    if run.dist.is_main:
+        write_json(run.out_dir / "summary.json", summary)
         print("pretrain: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                        for k, v in summary.items()))
-    close_distributed(dist)
     return summary
 
 
-def _null() -> Any:
-    import contextlib
-
-    return contextlib.nullcontext()
+def main(cfg: PretrainConfig) -> dict[str, Any]:
+    run = setup(cfg)
+    start = resume(run)
+    if start >= cfg.max_steps:
+        print(f"already at step {start} >= max_steps {cfg.max_steps}; nothing to do")
+        close_distributed(run.dist)
+        return {"step": start}
+    done, meter = train(run, start)
+    summary = summarize(run, start, done, meter)
+    close_distributed(run.dist)
+    return summary
 
 
 def cli(argv: list[str] | None = None, prog: str = "python -m training.pretrain") -> int:
