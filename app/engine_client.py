@@ -30,13 +30,14 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import functools
 import itertools
 import logging
 import queue
 import threading
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -208,7 +209,12 @@ class EngineClient:
     async def score(self, prompt_ids: Sequence[int], continuations: Sequence[Sequence[int]],
                     adapter: str | None = None) -> list[float]:
         """engine.score on the engine thread: sum log p(continuation | prompt) per continuation."""
-        return await self.call(self.engine.score, list(prompt_ids), [list(c) for c in continuations], adapter)
+        future: concurrent.futures.Future[list[float]] = concurrent.futures.Future()
+        job = PiecewiseCall(future, functools.partial(self.engine.score_steps, list(prompt_ids),
+                                                      [list(c) for c in continuations], adapter))
+        self._check_alive()
+        self._commands.put(("pieces", job))
+        return await asyncio.wrap_future(future)
 
     async def score_each(self, jobs: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]],
                          adapter: str | None = None) -> list[list[float]]:
@@ -253,15 +259,21 @@ class EngineClient:
                     if command[0] == "stop":
                         self._shutdown(RequestAborted("server shutting down"))
                         return
-                    if command[0] == "call":
+                    if command[0] in ("call", "pieces"):
                         self._calls.append(command)
                         continue
                     self._handle(command)
                     busy = self.engine.has_unfinished()
-                # 2. at most one engine call between two steps: clients that keep a call queued (one
-                #    /classify text after another) would otherwise never let the decodes run
+                # 2. at most one engine call, or one piece of a piecewise call, between two steps: clients
+                #    that keep work queued (/classify texts) would otherwise never let the decodes run;
+                #    an unfinished piecewise call goes to the back of the line (round robin)
                 if self._calls:
-                    self._handle(self._calls.popleft())
+                    command = self._calls.popleft()
+                    if command[0] == "pieces":
+                        if not command[1].advance():
+                            self._calls.append(command)
+                    else:
+                        self._handle(command)
                 # 3. one engine step for everything running
                 if busy:
                     outputs = self.engine.step()
@@ -340,6 +352,43 @@ class EngineClient:
                 self._deliver(command[1], error)
             elif command[0] == "call" and command[1].set_running_or_notify_cancel():
                 command[1].set_exception(error)
+            elif command[0] == "pieces":
+                command[1].fail(error)
+
+
+@dataclass
+class PiecewiseCall:
+    """Engine work run one forward at a time between engine steps (`LLMEngine.score_steps`). The future
+    stays pending until the work ends, so a caller's cancel (deadline, disconnect) still lands and the
+    work stops before its next piece."""
+    future: concurrent.futures.Future[Any]
+    start: Callable[[], Generator[None, None, Any]]
+    steps: Generator[None, None, Any] | None = None
+
+    def advance(self) -> bool:
+        """Run one piece on the engine thread; True once the call is over (done, failed or cancelled)."""
+        if self.future.cancelled():
+            if self.steps is not None:
+                self.steps.close()
+            return True
+        try:
+            if self.steps is None:
+                self.steps = self.start()
+            next(self.steps)
+        except StopIteration as done:
+            if self.future.set_running_or_notify_cancel():
+                self.future.set_result(done.value)
+            return True
+        except Exception as exc:
+            self.fail(_api_error(exc))
+            return True
+        return False
+
+    def fail(self, error: BaseException) -> None:
+        if self.steps is not None:
+            self.steps.close()
+        if self.future.set_running_or_notify_cancel():
+            self.future.set_exception(error)
 
 
 def _api_error(exc: Exception) -> Exception:

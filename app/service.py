@@ -35,6 +35,7 @@ from .settings import ServerSettings
 
 log = logging.getLogger("seedling.service")
 T = TypeVar("T")
+ScoreJob = tuple[list[int], list[list[int]]]  # (prompt ids, one continuation per label)
 
 
 class ClientGone(Exception):
@@ -254,20 +255,11 @@ class Service:
         """Rank labels by the model's log-likelihood of answering each one (one scoring forward per
         text, the prompt shared by every label), calibrated by `model.tasks.DEFAULT_CALIBRATION`
         against the label set's content-free prior (scored once per label set, then cached)."""
-        tok, system = self.tokenizer, self.settings.default_system_prompt
-        conts = tasks.label_continuations(tok, spec)
-        jobs = []
-        for text in texts:
-            try:
-                prompt = tasks.render_prompt(tok, spec.messages(text), system)
-            except tasks.TaskError as exc:
-                raise InvalidRequest(str(exc), param=exc.param) from None
-            self.check_length(len(prompt), max(len(c) for c in conts), "text")
-            jobs.append((prompt, conts))
         calibration = tasks.DEFAULT_CALIBRATION
         prior = self._priors.get(spec)
         needs_prior = prior is None and calibration in tasks.PRIOR_CALIBRATIONS
-        free = [(p, conts) for p in tasks.content_free_prompts(tok, spec, system)] if needs_prior else []
+        jobs, free = await self.prompts.run(self._zero_shot_jobs, texts, spec, needs_prior)
+        conts = jobs[0][1]
         # the admission bound counts the caller's texts; the prior's few content-free prompts ride along
         all_ll = await self._score(request, jobs + free, endpoint, slots=len(jobs))
         if needs_prior:
@@ -282,7 +274,24 @@ class Service:
             self._count(endpoint, "scored")
         return results
 
-    async def _score(self, request: Request, jobs: list[tuple[list[int], list[list[int]]]],
+    def _zero_shot_jobs(self, texts: list[str], spec: tasks.ClassifySpec, with_prior: bool
+                        ) -> tuple[list[ScoreJob], list[ScoreJob]]:
+        """(prompt, label continuations) per text, and per content-free prompt when the label set's prior
+        is still to be scored; tokenizing runs in a worker thread, not on the event loop."""
+        tok, system = self.tokenizer, self.settings.default_system_prompt
+        conts = tasks.label_continuations(tok, spec)
+        jobs = []
+        for text in texts:
+            try:
+                prompt = tasks.render_prompt(tok, spec.messages(text), system)
+            except tasks.TaskError as exc:
+                raise InvalidRequest(str(exc), param=exc.param) from None
+            self.check_length(len(prompt), max(len(c) for c in conts), "text")
+            jobs.append((prompt, conts))
+        free = [(p, conts) for p in tasks.content_free_prompts(tok, spec, system)] if with_prior else []
+        return jobs, free
+
+    async def _score(self, request: Request, jobs: list[ScoreJob],
                      endpoint: str, slots: int) -> list[list[float]]:
         """engine.score for every (prompt, continuations) job, on the engine thread, within the deadline."""
         return await self._classify_work(request, lambda: self.client.score_each(jobs), slots, endpoint,

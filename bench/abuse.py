@@ -9,7 +9,8 @@ request, each paired with the same load minus the abusive part, so the ratio sho
 itself costs the victim:
     bias      4-prompt /v1/completions with a 300-entry logit_bias   vs  the same without the bias
     stops     16 stop strings of the longest allowed length          vs  the same without stops
-    classify  /classify of 16 texts x 8 labels                       vs  idle
+    classify  /classify of 16 texts x 8 labels                       vs  the same tokens as a 16-prompt
+                                                                         /v1/completions (1 token out)
     huge      a ~900 KB prompt (refused: too long), tokenized         vs  idle
 Prints, per scenario: victim p50 / p90 (n), the ratio to its baseline, and the attackers' statuses.
 Bounded: `--seconds` per scenario; loopback URLs only. Not a test: timings depend on the machine.
@@ -29,6 +30,7 @@ from typing import Any
 import httpx
 
 from bench.load import is_loopback, pct
+from model import tasks
 from model.sampling import MAX_LOGIT_BIAS, MAX_STOP_CHARS, MAX_STOPS
 
 VICTIM = {"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8, "temperature": 0,
@@ -51,21 +53,30 @@ def stops_body(abusive: bool) -> dict[str, Any]:
     return body
 
 
-def classify_body(_: bool) -> dict[str, Any]:
-    return {"text": [f"Review {i}: the product arrived late but works well." for i in range(16)],
-            "labels": [f"label {i}" for i in range(8)]}
+CLASSIFY_TEXTS = [f"Review {i}: the product arrived late but works well." for i in range(16)]
+CLASSIFY_LABELS = [f"label {i}" for i in range(8)]
+
+
+def classify_body(abusive: bool) -> dict[str, Any]:
+    if abusive:
+        return {"text": CLASSIFY_TEXTS, "labels": CLASSIFY_LABELS}
+    # the plain load: each text's classify prompt and its labels (about the tokens scoring runs), prefilled
+    # by the ordinary scheduler, one token out
+    prompts = ["\n".join(m["content"] for m in tasks.classify_messages(t, CLASSIFY_LABELS)) + "\n" +
+               " ".join(CLASSIFY_LABELS) for t in CLASSIFY_TEXTS]
+    return {"prompt": prompts, "max_tokens": 1, "temperature": 0}
 
 
 def huge_body(_: bool) -> dict[str, Any]:
     return {"prompt": "lorem ipsum dolor sit amet " * 33_000, "max_tokens": 1}
 
 
-SCENARIOS: dict[str, tuple[str, Callable[[bool], dict[str, Any]], bool]] = {
-    # name: (path, body(abusive), has a paired non-abusive baseline)
-    "bias": ("/v1/completions", bias_body, True),
-    "stops": ("/v1/completions", stops_body, True),
-    "classify": ("/classify", classify_body, False),
-    "huge": ("/v1/completions", huge_body, False),
+SCENARIOS: dict[str, tuple[str, str, Callable[[bool], dict[str, Any]]]] = {
+    # name: (abusive path, plain-load path or "" for none: the baseline is idle, body(abusive))
+    "bias": ("/v1/completions", "/v1/completions", bias_body),
+    "stops": ("/v1/completions", "/v1/completions", stops_body),
+    "classify": ("/classify", "/v1/completions", classify_body),
+    "huge": ("/v1/completions", "", huge_body),
 }
 
 
@@ -119,15 +130,15 @@ async def main_async(args: argparse.Namespace) -> None:
     idle_p50 = pct(idle, 50)
     print(row("idle", idle, None, collections.Counter()))
     for name in args.scenarios.split(","):
-        path, make, paired = SCENARIOS[name]
+        path, plain_path, make = SCENARIOS[name]
         base = idle_p50
-        if paired:
-            plain, statuses = await measure(args, path, make(False))
+        if plain_path:
+            plain, statuses = await measure(args, plain_path, make(False))
             print(row(f"{name} (plain load)", plain, idle_p50, statuses))
             base = pct(plain, 50)
         latencies, statuses = await measure(args, path, make(True))
         print(row(f"{name} (abusive)", latencies, base, statuses), "<- ratio vs",
-              "the plain load" if paired else "idle")
+              "the plain load" if plain_path else "idle")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,8 +13,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from app.main import load_model
 from app.settings import ServerSettings
+from model.config import preset
+from model.sampling import SamplingParams
+from model.transformer import Transformer
 from tests.test_app_support import (  # noqa: F401 - fixtures
     USER_HI,
     app_checkpoint,
@@ -158,3 +163,92 @@ def test_drain_finishes_in_flight_then_refuses(app_checkpoint: Path) -> None:  #
         assert json.loads(body)["usage"]["completion_tokens"] == 60  # finished, not cut off
         assert client.post("/chat", json={"messages": USER_HI}).status_code == 503
         assert client.get("/ready").status_code == 503
+
+
+def _instrumented_engine(events: list[str], piece_delay_s: float = 0.0):
+    """A tiny engine whose scoring pieces and steps append to `events` (scoring closed early: "closed")."""
+    from tests.test_engine import VOCAB, make_engine
+
+    model = Transformer(preset("test", vocab_size=VOCAB, max_seq_len=1024)).init_weights(seed=1).eval()
+    engine = make_engine(model)  # prefill_chunk 64
+    score_steps, step = engine.score_steps, engine.step
+
+    def counted_score_steps(*args):
+        inner = score_steps(*args)
+
+        def pieces():
+            try:
+                while True:
+                    next(inner)
+                    events.append("piece")
+                    time.sleep(piece_delay_s)
+                    yield
+            except StopIteration as done:
+                events.append("scored")
+                return done.value
+            except GeneratorExit:
+                events.append("closed")
+                inner.close()
+                raise
+        return pieces()
+
+    def counted_step():
+        events.append("step")
+        return step()
+
+    engine.score_steps, engine.step = counted_score_steps, counted_step
+    return engine
+
+
+def test_scoring_runs_between_decode_steps_not_before_them() -> None:
+    """One /classify text's scoring (a 230-token prompt, 80 labels: 9 forwards) shares the engine with a
+    decoding request piece by piece, instead of holding the engine for all 9 forwards at once."""
+    from app.engine_client import EngineClient
+
+    events: list[str] = []
+    engine = _instrumented_engine(events)
+    client = EngineClient(engine, admission_limit=8).start()
+    prompt, conts = [(7 * i) % 50 + 1 for i in range(230)], [[i % 50 + 1, 3] for i in range(80)]
+
+    async def run() -> list[float]:
+        async def decode() -> None:
+            async for _ in client.generate("victim", [1, 2, 3], SamplingParams(max_tokens=8, temperature=0,
+                                                                               ignore_eos=True)):
+                pass
+        victim = asyncio.create_task(decode())
+        await asyncio.sleep(0.05)
+        scores = await client.score(prompt, conts)
+        await victim
+        return scores
+
+    try:
+        scores = asyncio.run(run())
+    finally:
+        client.stop()
+    pieces = [i for i, e in enumerate(events) if e == "piece"]
+    assert len(pieces) == 8 and "scored" in events
+    assert "step" in events[pieces[0]:pieces[-1]], "decode steps ran between the scoring pieces"
+    assert scores == pytest.approx(engine.score(prompt, conts), abs=1e-5)
+
+
+def test_cancelled_scoring_stops_before_its_next_piece() -> None:
+    """A deadline or a disconnect cancels the caller: the scoring job is closed, not run to the end."""
+    from app.engine_client import EngineClient
+
+    events: list[str] = []
+    client = EngineClient(_instrumented_engine(events, piece_delay_s=0.05), admission_limit=8).start()
+    prompt, conts = [(7 * i) % 50 + 1 for i in range(230)], [[i % 50 + 1, 3] for i in range(80)]
+
+    async def run() -> None:
+        job = asyncio.create_task(client.score(prompt, conts))
+        await asyncio.sleep(0.12)
+        job.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await job
+
+    try:
+        asyncio.run(run())
+        assert wait_until(lambda: "closed" in events, timeout=5)
+    finally:
+        client.stop()
+    assert "scored" not in events and events.count("piece") < 8

@@ -169,17 +169,17 @@ def test_stop_string_length_is_capped(client: TestClient, path: str, body: dict)
 # ---------------------------------------------------------------------------- /classify
 
 def counting_score_loader(delay_s: float, calls: list[int]):
-    """The engine's score() slowed down and counted (one call per text scored)."""
+    """The engine's scoring slowed down and counted (one call per text scored)."""
     def load(settings: ServerSettings):
         loaded = load_model(settings)
-        score = loaded.engine.score
+        score_steps = loaded.engine.score_steps
 
-        def slow_score(prompt_ids, continuations, *rest):
+        def slow_score_steps(prompt_ids, continuations, *rest):
             calls.append(len(prompt_ids))
             time.sleep(delay_s)
-            return score(prompt_ids, continuations, *rest)
+            return score_steps(prompt_ids, continuations, *rest)
 
-        loaded.engine.score = slow_score
+        loaded.engine.score_steps = slow_score_steps
         return loaded
     return load
 

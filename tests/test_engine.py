@@ -244,6 +244,37 @@ def test_score_matches_oracle_log_likelihood(model, prompts):
             assert abs(got - want) < 1e-3
 
 
+def test_score_steps_run_in_prefill_sized_pieces_with_the_same_scores(model, prompts):
+    """A 230-token prompt scored in 64-token pieces (the engine's prefill chunk), then 21 continuations in
+    two packed groups: 4 prompt pieces + 2 groups = 5 yields between 6 forwards, same scores as one call."""
+    engine = make_engine(model)
+    prompt = prompts[4]
+    conts = [[1, 2, 3], [7], prompts[5]] + [[i, i + 1] for i in range(18)]
+    steps = engine.score_steps(prompt, conts)
+    pieces = 0
+    while True:
+        try:
+            next(steps)
+            pieces += 1
+        except StopIteration as done:
+            scores = done.value
+            break
+    assert pieces == 5
+    whole = make_engine(model, prefill_chunk=512, max_num_batched_tokens=512).score(prompt, conts)
+    assert scores == pytest.approx(whole, abs=1e-4)
+    with torch.inference_mode():
+        logp = torch.log_softmax(model(torch.tensor([prompt + conts[0]]))[0].double(), -1)
+    assert scores[0] == pytest.approx(sum(float(logp[len(prompt) - 1 + j, t]) for j, t in enumerate(conts[0])),
+                                      abs=1e-3)
+
+
+def test_score_steps_reject_bad_input_before_any_forward(model):
+    engine = make_engine(model)
+    for prompt, conts in (([], [[1]]), ([1, 2], []), ([1, 2], [[1], []]), ([1] * 640, [[1]])):
+        with pytest.raises((RequestRejected, PromptTooLong)):
+            engine.score_steps(prompt, conts)
+
+
 def test_logprobs_are_reported(model, prompts):
     out = make_engine(model).generate([prompts[0]], SamplingParams(max_tokens=4, temperature=0, logprobs=3))[0]
     assert out.logprobs is not None

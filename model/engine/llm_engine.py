@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Generator
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from model.engine.cache_manager import CacheManager
 from model.engine.detokenizer import IncrementalDetokenizer
-from model.engine.model_runner import ModelRunner
+from model.engine.model_runner import ModelRunner, run_to_end
 from model.engine.scheduler import Scheduler
 from model.engine.sequence import FinishReason, RequestOutput, Sequence, SequenceStatus
 from model.grammar import Constraint, GrammarCompiler
@@ -238,14 +239,26 @@ class LLMEngine:
               ) -> list[float]:
         """Sum of log p(continuation | prompt) for each continuation (ranks /classify labels), under
         `adapter` (None: the base model)."""
-        if not prompt_ids or any(not c for c in continuations):
+        return run_to_end(self.score_steps(prompt_ids, continuations, adapter))
+
+    def score_steps(self, prompt_ids: list[int], continuations: list[list[int]], adapter: str | None = None
+                    ) -> Generator[None, None, list[float]]:
+        """`score` as a generator of forwards (`ModelRunner.score_steps`: pieces no longer than a prefill
+        chunk), for a caller that interleaves them with `step()`. Bad input raises here, not at the
+        first piece."""
+        if not prompt_ids or not continuations or any(not c for c in continuations):
             raise RequestRejected("scoring needs a non-empty prompt and non-empty continuations")
         longest = len(prompt_ids) + max(len(c) for c in continuations)
         if longest > self.config.max_model_len:
             raise PromptTooLong(longest, self.config.max_model_len + 1)
-        key = self.runner.adapters.acquire(adapter)
+        return self._score_pieces(prompt_ids, continuations, adapter)
+
+    def _score_pieces(self, prompt_ids: list[int], continuations: list[list[int]], adapter: str | None
+                      ) -> Generator[None, None, list[float]]:
+        key = self.runner.adapters.acquire(adapter)  # released however the generator ends (closed included)
         try:
-            return self.runner.score(prompt_ids, continuations, key=key)
+            return (yield from self.runner.score_steps(prompt_ids, continuations, key=key,
+                                                       chunk=self.config.prefill_chunk))
         finally:
             self.runner.adapters.release(key)
 

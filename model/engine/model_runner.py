@@ -7,6 +7,9 @@ group is one forward over its own cache rows, so requests for different adapters
 
 from __future__ import annotations
 
+from collections.abc import Generator
+from typing import TypeVar
+
 import torch
 
 from model.engine.adapter_set import BASE, AdapterSet
@@ -111,28 +114,43 @@ class ModelRunner:
     @torch.inference_mode()
     def score(self, prompt_ids: list[int], continuations: list[list[int]], group: int = 16, key: int = BASE
               ) -> list[float]:
-        """Sum of log p(continuation | prompt) for each continuation under model `key`. The prompt runs
-        once; its K/V are copied into one scratch-cache row per continuation, and the continuations run
-        packed in one forward per group (a scratch cache, so scoring never takes a serving slot)."""
+        """Sum of log p(continuation | prompt) for each continuation under model `key` (`score_steps`
+        run to the end)."""
+        return run_to_end(self.score_steps(prompt_ids, continuations, group, key))
+
+    def score_steps(self, prompt_ids: list[int], continuations: list[list[int]], group: int = 16,
+                    key: int = BASE, chunk: int = 256) -> Generator[None, None, list[float]]:
+        """`score` one forward at a time: the prompt in pieces of at most `chunk` tokens, then one packed
+        forward per `group` continuations, yielding after each. The engine thread runs decode steps
+        between pieces, so scoring delays other users as much as a prefill chunk does.
+
+        The prompt's K/V are copied into one scratch-cache row per continuation (a scratch cache, so
+        scoring never takes a serving slot); the generator's return value is the scores."""
         model = self.adapters.model(key)
         P = len(prompt_ids)
-        width = P + max(len(c) for c in continuations)
         rows = min(group, len(continuations))
-        cache = KVCache(self.model.config, rows, width, dtype=self.model.cache_dtype, device=self.device)
-        first = model(torch.tensor([prompt_ids], device=self.device), torch.arange(P, device=self.device)[None],
-                           kv_cache=cache.batch([0], [0], [P]),
-                           logits_index=torch.tensor([P - 1], device=self.device)).float().log_softmax(-1)[0]  # (V,)
+        cache = KVCache(self.model.config, rows, P + max(len(c) for c in continuations),
+                        dtype=self.model.cache_dtype, device=self.device)
+        prompt = torch.tensor([prompt_ids], device=self.device)
+        for start in range(0, P, chunk):
+            n = min(chunk, P - start)
+            logits = model(prompt[:, start:start + n], torch.arange(start, start + n, device=self.device)[None],
+                           kv_cache=cache.batch([0], [start], [n]), logits_index=torch.tensor([n - 1], device=self.device))
+            if start + n < P:
+                yield
+        first = logits.float().log_softmax(-1)[0]  # (V,): the distribution after the whole prompt
         cache.copy_prefix(0, slice(1, None), P)
         scores = [float(first[c[0]]) for c in continuations]
         for g in range(0, len(continuations), rows):
             rest = [(i, c) for i, c in enumerate(continuations[g:g + rows]) if len(c) > 1]
             if not rest:
                 continue
+            yield
             feed = [t for _, c in rest for t in c[:-1]]
             positions = [P + j for _, c in rest for j in range(len(c) - 1)]
             batch = cache.batch([i for i, _ in rest], [P] * len(rest), [len(c) - 1 for _, c in rest])
             logp = model(torch.tensor([feed], device=self.device), torch.tensor([positions], device=self.device),
-                              kv_cache=batch).float().log_softmax(-1)[0]  # (N, V)
+                         kv_cache=batch).float().log_softmax(-1)[0]  # (N, V)
             targets = torch.tensor([t for _, c in rest for t in c[1:]], device=self.device)
             picked = logp.gather(1, targets[:, None])[:, 0].tolist()
             k = 0
@@ -140,3 +158,15 @@ class ModelRunner:
                 scores[g + i] += sum(picked[k:k + len(c) - 1])
                 k += len(c) - 1
         return scores
+
+
+T = TypeVar("T")
+
+
+def run_to_end(steps: Generator[None, None, T]) -> T:
+    """Drive a piecewise job (`ModelRunner.score_steps`) to its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
