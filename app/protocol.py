@@ -194,8 +194,8 @@ class ClassifyRequest(_Strict):
     multi_label: bool = Field(False, description="score each label independently (see docs)")
     threshold: float = Field(0.5, ge=0, le=1, description="multi_label: labels scoring at least this")
     model: NonEmptyStr | None = Field(None, description="an adapter with a classification head (its labels), "
-                                      "or the base model (zero-shot); absent = a head whose label set equals "
-                                      "labels, else zero-shot")
+                                      "a LoRA adapter or the base model (zero-shot); absent = a head whose "
+                                      "label set equals labels, else zero-shot on the base model")
     descriptions: Annotated[dict[NonEmptyStr, Annotated[str, Field(min_length=1, max_length=500)]],
                             Field(max_length=256)] | None = Field(
         None, description="label -> what it means, shown next to the label in the prompt")

@@ -60,7 +60,7 @@ class Scored:
     labels: list[str]
     scores: list[tuple[str, float]]  # best first
     prompt_tokens: int
-    model: str | None = None  # the adapter whose head answered; None = the base model
+    model: str | None = None  # the adapter that answered (its head, or zero-shot through its LoRA); None = base
 
 
 class PriorCache:
@@ -248,29 +248,35 @@ class Service:
         if head is not None:
             return await self.classify_with_head(request, texts, head, multi_label, threshold, endpoint)
         spec = self.classify_spec(labels, label_set, descriptions, examples)
-        return await self.classify_zero_shot(request, texts, spec, multi_label, threshold, endpoint)
+        return await self.classify_zero_shot(request, texts, spec, multi_label, threshold, endpoint,
+                                             self.adapter_for(model))
 
     async def classify_zero_shot(self, request: Request, texts: list[str], spec: tasks.ClassifySpec,
-                                 multi_label: bool, threshold: float, endpoint: str) -> list[Scored]:
+                                 multi_label: bool, threshold: float, endpoint: str, adapter: str | None = None
+                                 ) -> list[Scored]:
         """Rank labels by the model's log-likelihood of answering each one (one scoring forward per
         text, the prompt shared by every label), calibrated by `model.tasks.DEFAULT_CALIBRATION`
-        against the label set's content-free prior (scored once per label set, then cached)."""
+        against the label set's content-free prior (scored once per label set, then cached).
+        `adapter`: a LoRA adapter scores instead of the base model."""
         calibration = tasks.DEFAULT_CALIBRATION
-        prior = self._priors.get(spec)
+        # an adapter can be replaced under its name at any time: its prior is scored with each request
+        prior = self._priors.get(spec) if adapter is None else None
         needs_prior = prior is None and calibration in tasks.PRIOR_CALIBRATIONS
         jobs, free = await self.prompts.run(self._zero_shot_jobs, texts, spec, needs_prior)
         conts = jobs[0][1]
         # the admission bound counts the caller's texts; the prior's few content-free prompts ride along
-        all_ll = await self._score(request, jobs + free, endpoint, slots=len(jobs))
+        all_ll = await self._score(request, jobs + free, endpoint, slots=len(jobs), adapter=adapter)
         if needs_prior:
-            prior = self._priors.put(spec, tasks.content_free_prior(all_ll[len(jobs):]))
+            prior = tasks.content_free_prior(all_ll[len(jobs):])
+            if adapter is None:
+                self._priors.put(spec, prior)
         lengths = [len(c) for c in conts]
         results = []
         for (prompt, _), ll in zip(jobs, all_ll, strict=False):
             probs = tasks.label_probabilities(ll, lengths, prior, calibration, multi_label)
             ranked = tasks.rank_labels(spec.labels, probs)
             chosen = [lab for lab, p in ranked if p >= threshold] if multi_label else [ranked[0][0]]
-            results.append(Scored(ranked[0][0], chosen, ranked, len(prompt)))
+            results.append(Scored(ranked[0][0], chosen, ranked, len(prompt), model=adapter))
             self._count(endpoint, "scored")
         return results
 
@@ -292,9 +298,9 @@ class Service:
         return jobs, free
 
     async def _score(self, request: Request, jobs: list[ScoreJob],
-                     endpoint: str, slots: int) -> list[list[float]]:
+                     endpoint: str, slots: int, adapter: str | None = None) -> list[list[float]]:
         """engine.score for every (prompt, continuations) job, on the engine thread, within the deadline."""
-        return await self._classify_work(request, lambda: self.client.score_each(jobs), slots, endpoint,
+        return await self._classify_work(request, lambda: self.client.score_each(jobs, adapter), slots, endpoint,
                                          prompt_tokens=sum(len(p) for p, _ in jobs))
 
     async def _classify_work(self, request: Request, start: Callable[[], Awaitable[T]], slots: int,
@@ -325,6 +331,8 @@ class Service:
         if found is not None or model is None or model == self.model_name:
             return found
         heads = self.heads.registry.heads if self.heads is not None else {}
+        if model in self.adapters():
+            return None  # a LoRA adapter: zero-shot scoring through it
         if model in heads:
             raise InvalidRequest(f"adapter {model!r} classifies into its own {len(heads[model].info.labels)} labels; "
                                  "omit labels or pass exactly that set", param="labels", code="invalid_value")

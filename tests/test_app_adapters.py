@@ -131,3 +131,28 @@ def test_adapter_added_while_serving_and_broken_one_refused(client: TestClient, 
     assert _chat(client, "gamma")["choices"][0]["message"]["content"] == oracle("gamma")
     assert _chat(client, "alpha")["choices"][0]["message"]["content"] == oracle("alpha")
     assert client.post("/v1/chat/completions", json={"messages": MESSAGES, "model": "broken"}).status_code == 404
+
+
+def test_zero_shot_classify_scores_through_a_lora_adapter(client: TestClient, app_checkpoint: Path,  # noqa: F811
+                                                          adapters_dir: Path) -> None:
+    """`model` naming a LoRA adapter: /classify ranks the labels with the merged model's scores (the
+    evaluator's Classifier on that model is the oracle), not the base model's."""
+    import torch
+
+    from model import tasks
+    from model.engine import EngineConfig, LLMEngine
+    from model.inference import load_for_serving
+    from training.evaluate import Classifier
+
+    body = {"text": "The sea was calm all day.", "labels": ["weather", "food", "sports"]}
+    through = client.post("/classify", json={**body, "model": "alpha"})
+    base = client.post("/classify", json=body).json()
+    assert through.status_code == 200, through.text
+    got = {s["label"]: s["score"] for s in through.json()["scores"]}
+    served = load_for_serving(app_checkpoint, device=torch.device("cpu"), dtype=torch.float32,
+                              adapters=[str(adapters_dir / "alpha")])
+    engine = LLMEngine(served.model, served.tokenizer, EngineConfig(max_num_seqs=2, max_model_len=256))
+    _, probs = Classifier(engine, served.tokenizer).classify(body["text"], body["labels"], tasks.DEFAULT_CALIBRATION)
+    assert through.json()["model"] == "alpha"
+    assert got == pytest.approx(dict(zip(body["labels"], probs, strict=True)), abs=1e-4)
+    assert got != pytest.approx({s["label"]: s["score"] for s in base["scores"]}, abs=1e-4)

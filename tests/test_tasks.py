@@ -37,7 +37,8 @@ class RecordingClient:
     def reserve(self, n: int) -> contextlib.nullcontext[None]:
         return contextlib.nullcontext()
 
-    async def score_each(self, jobs: list[tuple[list[int], list[list[int]]]]) -> list[list[float]]:
+    async def score_each(self, jobs: list[tuple[list[int], list[list[int]]]], adapter: str | None = None
+                         ) -> list[list[float]]:
         self.jobs += jobs
         return [[-float(i + 1) for i in range(len(conts))] for _, conts in jobs]
 

@@ -129,7 +129,8 @@ async def classify(body: ClassifyRequest, request: Request, svc: Service = Depen
 
     With a classification head in SEEDLING_ADAPTERS_DIR whose label set equals `labels` (any order),
     or the head's adapter named by `model`, the head answers (softmax over its labels; one shallow
-    forward per text) and `model` in the response names it; `model` = the base model forces zero-shot.
+    forward per text) and `model` in the response names it; `model` = the base model forces zero-shot,
+    `model` = a LoRA adapter scores zero-shot through it.
     Otherwise labels are ranked by the log-likelihood of the model answering each label to the
     `model.tasks` classify prompt, calibrated against each label's content-free prior; the order
     of `labels` never matters. Single-label: softmax over labels, scores sum to 1.
