@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 from collections.abc import Sequence
-from typing import Any
+from types import FrameType
 
 import uvicorn
 
@@ -34,13 +35,13 @@ class DrainingServer(uvicorn.Server):
         self.app_state = app_state
         self.engine_failed = False
 
-    def handle_exit(self, sig: int, frame: Any) -> None:
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         client = self.app_state.client
         if client is not None:
             client.begin_drain()  # a signal handler: only flip the flag; the timer starts in shutdown()
         super().handle_exit(sig, frame)
 
-    async def shutdown(self, sockets: Any = None) -> None:
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self.app_state.begin_drain()
         await super().shutdown(sockets)
 

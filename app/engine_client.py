@@ -39,8 +39,9 @@ import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Generator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
+from model.engine import EngineStats, LLMEngine, RequestOutput
 from model.sampling import SamplingParams
 
 from .errors import DeadlineExceeded, EngineDead, Overloaded, RequestAborted, Unavailable, to_api_error
@@ -56,7 +57,7 @@ class RequestStream:
     request_id: str  # the engine's key: unique, made by EngineClient
     label: str  # the caller's name for it (logs only)
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
+    queue: asyncio.Queue[RequestOutput | BaseException] = field(default_factory=asyncio.Queue)
     t_created: float = field(default_factory=time.perf_counter)
     t_added: float | None = None  # when the engine thread handed it to engine.add_request
     done: bool = False
@@ -82,24 +83,102 @@ class Reservation:
         self.release()
 
 
-_STOP = object()
+class OutputObserver(Protocol):
+    """Sees every output of a request (app.metrics.RequestTimer), with when the engine took it."""
+
+    def on_output(self, out: RequestOutput, t_added: float | None = None) -> None: ...
+
+
+# ----------------------------------------------------------------------------
+# commands into the engine thread
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class _Add:
+    stream: RequestStream
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: str | None
+
+
+@dataclass(frozen=True)
+class _Abort:
+    request_id: str
+
+
+@dataclass(frozen=True)
+class _FailAll:
+    error: BaseException
+
+
+@dataclass(frozen=True)
+class _Call(Generic[T]):
+    future: concurrent.futures.Future[T]
+    fn: Callable[..., T]
+    args: tuple[object, ...]
+
+
+@dataclass
+class PiecewiseCall(Generic[T]):
+    """Engine work run one forward at a time between engine steps (`LLMEngine.score_steps`). The future
+    stays pending until the work ends, so a caller's cancel (deadline, disconnect) still lands and the
+    work stops before its next piece."""
+    future: concurrent.futures.Future[T]
+    start: Callable[[], Generator[None, None, T]]
+    steps: Generator[None, None, T] | None = None
+
+    def advance(self) -> bool:
+        """Run one piece on the engine thread; True once the call is over (done, failed or cancelled)."""
+        if self.future.cancelled():
+            if self.steps is not None:
+                self.steps.close()
+            return True
+        try:
+            if self.steps is None:
+                self.steps = self.start()
+            next(self.steps)
+        except StopIteration as done:
+            if self.future.set_running_or_notify_cancel():
+                self.future.set_result(done.value)
+            return True
+        except Exception as exc:
+            self.fail(_api_error(exc))
+            return True
+        return False
+
+    def fail(self, error: BaseException) -> None:
+        if self.steps is not None:
+            self.steps.close()
+        if self.future.set_running_or_notify_cancel():
+            self.future.set_exception(error)
+
+
+@dataclass(frozen=True)
+class _Stop:
+    pass
+
+
+# a call's result type is its caller's business (the engine thread only passes it on)
+_Command = _Add | _Abort | _FailAll | _Call[Any] | PiecewiseCall[Any] | _Stop
 HEARTBEAT_S = 1.0  # the idle engine thread wakes this often just to beat
 
 
 class EngineClient:
-    def __init__(self, engine: Any, admission_limit: int, retry_after_s: int = 1) -> None:
+    def __init__(self, engine: LLMEngine, admission_limit: int, retry_after_s: int = 1) -> None:
         self.engine = engine
         self.admission_limit = admission_limit
         self.retry_after_s = retry_after_s
         self.failure: BaseException | None = None
         self.draining = False
-        self.stats: Any = None  # last EngineStats snapshot (written by the engine thread)
-        self._commands: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.stats: EngineStats | None = None  # last snapshot (written by the engine thread)
+        self._commands: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}  # engine thread only
         self._lock = threading.Lock()
         self._in_flight = 0
         self._keys = itertools.count()
-        self._calls: collections.deque[tuple[Any, ...]] = collections.deque()  # engine thread only
+        self._calls: collections.deque[_Call[Any] | PiecewiseCall[Any]] = collections.deque()  # engine thread only
         self._thread: threading.Thread | None = None
         self.heartbeat = time.monotonic()  # written by the engine thread once per loop
 
@@ -113,7 +192,7 @@ class EngineClient:
         """Abort what is left, stop the thread, join it."""
         if self._thread is None:
             return
-        self._commands.put(("stop",))
+        self._commands.put(_Stop())
         self._thread.join(timeout)
         self._thread = None
 
@@ -136,7 +215,7 @@ class EngineClient:
 
     def fail_all(self, error: BaseException) -> None:
         """End every open request with `error` (the drain timeout passed); the engine keeps running."""
-        self._commands.put(("fail_all", error))
+        self._commands.put(_FailAll(error))
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no request is in flight (True) or the timeout passes (False)."""
@@ -173,16 +252,16 @@ class EngineClient:
 
     # ------------------------------------------------------------------ requests
     async def generate(self, label: str, prompt_ids: Sequence[int], params: SamplingParams,
-                       deadline: float | None = None, timer: Any = None, adapter: str | None = None
-                       ) -> AsyncIterator[Any]:
-        """Yield RequestOutputs until one is finished, from the base model or the LoRA `adapter`. Leaving early (disconnect, cancellation, or
-        `deadline` (loop.time()) passing -> DeadlineExceeded) aborts the request in the engine and
-        frees its cache slot. `label` names it in logs only (the engine key is made here).
+                       deadline: float | None = None, timer: OutputObserver | None = None,
+                       adapter: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Yield RequestOutputs until one is finished, from the base model or the LoRA `adapter`. Leaving
+        early (disconnect, cancellation, or `deadline` (loop.time()) passing -> DeadlineExceeded) aborts
+        the request in the engine and frees its cache slot. `label` names it in logs only (the engine key is made here).
         `timer.on_output(out, t_added)` sees every output (metrics)."""
         self._check_alive()
         loop = asyncio.get_running_loop()
         stream = RequestStream(f"seq-{next(self._keys)}", label, loop)
-        self._commands.put(("add", stream, list(prompt_ids), params, adapter))
+        self._commands.put(_Add(stream, list(prompt_ids), params, adapter))
         alarm = None
         if deadline is not None:
             alarm = loop.call_at(deadline, stream.queue.put_nowait, DeadlineExceeded(
@@ -204,7 +283,7 @@ class EngineClient:
             if alarm is not None:
                 alarm.cancel()
             if not stream.done:
-                self._commands.put(("abort", stream.request_id))
+                self._commands.put(_Abort(stream.request_id))
 
     async def score(self, prompt_ids: Sequence[int], continuations: Sequence[Sequence[int]],
                     adapter: str | None = None) -> list[float]:
@@ -213,7 +292,7 @@ class EngineClient:
         job = PiecewiseCall(future, functools.partial(self.engine.score_steps, list(prompt_ids),
                                                       [list(c) for c in continuations], adapter))
         self._check_alive()
-        self._commands.put(("pieces", job))
+        self._commands.put(job)
         return await asyncio.wrap_future(future)
 
     async def score_each(self, jobs: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]],
@@ -223,16 +302,16 @@ class EngineClient:
         instead of waiting behind one call that scores every job."""
         return [await self.score(prompt, conts, adapter) for prompt, conts in jobs]
 
-    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+    async def call(self, fn: Callable[..., T], *args: object) -> T:
         """Run fn(*args) on the engine thread between steps (it may touch the device)."""
         return await asyncio.wrap_future(self.submit(fn, *args))
 
-    def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
+    def submit(self, fn: Callable[..., T], *args: object) -> concurrent.futures.Future[T]:
         """Queue fn(*args) for the engine thread from any thread (the adapter watcher hands its models
         over this way); the future holds the result, or the error (EngineDead once the thread is gone)."""
         self._check_alive()
-        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        self._commands.put(("call", future, fn, args))
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._commands.put(_Call(future, fn, args))
         return future
 
     def _check_alive(self) -> None:
@@ -256,10 +335,10 @@ class EngineClient:
                         command = self._commands.get(block=wait, timeout=HEARTBEAT_S if wait else None)
                     except queue.Empty:
                         break
-                    if command[0] == "stop":
+                    if isinstance(command, _Stop):
                         self._shutdown(RequestAborted("server shutting down"))
                         return
-                    if command[0] in ("call", "pieces"):
+                    if isinstance(command, _Call | PiecewiseCall):
                         self._calls.append(command)
                         continue
                     self._handle(command)
@@ -269,8 +348,8 @@ class EngineClient:
                 #    an unfinished piecewise call goes to the back of the line (round robin)
                 if self._calls:
                     command = self._calls.popleft()
-                    if command[0] == "pieces":
-                        if not command[1].advance():
+                    if isinstance(command, PiecewiseCall):
+                        if not command.advance():
                             self._calls.append(command)
                     else:
                         self._handle(command)
@@ -284,35 +363,34 @@ class EngineClient:
             self.failure = exc
             self._shutdown(EngineDead(f"engine failed: {exc!r}"))
 
-    def _handle(self, command: tuple[Any, ...]) -> None:
-        kind = command[0]
-        if kind == "add":
-            _, stream, prompt_ids, params, adapter = command
+    def _handle(self, command: _Command) -> None:
+        if isinstance(command, _Add):
+            stream = command.stream
             try:
-                self.engine.add_request(stream.request_id, prompt_ids, params, adapter=adapter)
+                self.engine.add_request(stream.request_id, command.prompt_ids, command.params,
+                                        adapter=command.adapter)
             except Exception as exc:  # a request error (too long, rejected): only this stream
                 self._deliver(stream, _api_error(exc))
                 return
             stream.t_added = time.perf_counter()
             self._streams[stream.request_id] = stream
-        elif kind == "abort":
-            if self._streams.pop(command[1], None) is not None:
-                self.engine.abort(command[1])
+        elif isinstance(command, _Abort):
+            if self._streams.pop(command.request_id, None) is not None:
+                self.engine.abort(command.request_id)
                 self._snapshot()
-        elif kind == "fail_all":
-            self._fail_streams(command[1])
-        elif kind == "call":
-            _, future, fn, args = command
-            if future.set_running_or_notify_cancel():
+        elif isinstance(command, _FailAll):
+            self._fail_streams(command.error)
+        elif isinstance(command, _Call):
+            if command.future.set_running_or_notify_cancel():
                 try:
-                    future.set_result(fn(*args))
+                    command.future.set_result(command.fn(*command.args))
                 except Exception as exc:
-                    future.set_exception(_api_error(exc))
-        else:  # pragma: no cover - our own commands only
-            raise AssertionError(f"unknown command {kind!r}")
+                    command.future.set_exception(_api_error(exc))
+        else:  # pragma: no cover - _Stop is handled by the loop
+            raise AssertionError(f"unexpected command {command!r}")
 
-    def _dispatch(self, outputs: list[Any]) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, Any]]] = defaultdict(list)
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, RequestOutput]]] = defaultdict(list)
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is None:  # aborted meanwhile
@@ -323,7 +401,7 @@ class EngineClient:
         for loop, items in by_loop.items():
             _call_in_loop(loop, _put_many, items)
 
-    def _deliver(self, stream: RequestStream, item: Any) -> None:
+    def _deliver(self, stream: RequestStream, item: RequestOutput | BaseException) -> None:
         _call_in_loop(stream.loop, stream.queue.put_nowait, item)
 
     def _snapshot(self) -> None:
@@ -348,47 +426,12 @@ class EngineClient:
                 command = self._calls.popleft() if self._calls else self._commands.get_nowait()
             except queue.Empty:
                 break
-            if command[0] == "add":
-                self._deliver(command[1], error)
-            elif command[0] == "call" and command[1].set_running_or_notify_cancel():
-                command[1].set_exception(error)
-            elif command[0] == "pieces":
-                command[1].fail(error)
-
-
-@dataclass
-class PiecewiseCall:
-    """Engine work run one forward at a time between engine steps (`LLMEngine.score_steps`). The future
-    stays pending until the work ends, so a caller's cancel (deadline, disconnect) still lands and the
-    work stops before its next piece."""
-    future: concurrent.futures.Future[Any]
-    start: Callable[[], Generator[None, None, Any]]
-    steps: Generator[None, None, Any] | None = None
-
-    def advance(self) -> bool:
-        """Run one piece on the engine thread; True once the call is over (done, failed or cancelled)."""
-        if self.future.cancelled():
-            if self.steps is not None:
-                self.steps.close()
-            return True
-        try:
-            if self.steps is None:
-                self.steps = self.start()
-            next(self.steps)
-        except StopIteration as done:
-            if self.future.set_running_or_notify_cancel():
-                self.future.set_result(done.value)
-            return True
-        except Exception as exc:
-            self.fail(_api_error(exc))
-            return True
-        return False
-
-    def fail(self, error: BaseException) -> None:
-        if self.steps is not None:
-            self.steps.close()
-        if self.future.set_running_or_notify_cancel():
-            self.future.set_exception(error)
+            if isinstance(command, _Add):
+                self._deliver(command.stream, error)
+            elif isinstance(command, _Call) and command.future.set_running_or_notify_cancel():
+                command.future.set_exception(error)
+            elif isinstance(command, PiecewiseCall):
+                command.fail(error)
 
 
 def _api_error(exc: Exception) -> Exception:
@@ -400,11 +443,11 @@ def _api_error(exc: Exception) -> Exception:
     return error
 
 
-def _put_many(items: list[tuple[RequestStream, Any]]) -> None:
+def _put_many(items: list[tuple[RequestStream, RequestOutput]]) -> None:
     for stream, out in items:
         stream.queue.put_nowait(out)
 
 
-def _call_in_loop(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> None:
+def _call_in_loop(loop: asyncio.AbstractEventLoop, fn: Callable[..., object], *args: object) -> None:
     with contextlib.suppress(RuntimeError):  # the request's loop is closed: nobody listens any more
         loop.call_soon_threadsafe(fn, *args)

@@ -9,7 +9,20 @@ whether it is raised by a handler (`ApiError` subclasses), by the engine (`Engin
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TypedDict
+
+
+class ErrorBody(TypedDict):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorEnvelope(TypedDict):
+    """What every error response (and SSE error event) carries."""
+
+    error: ErrorBody
 
 
 class ApiError(Exception):
@@ -29,35 +42,47 @@ class ApiError(Exception):
     def status(self) -> int:
         return STATUS[self.kind][0]
 
-    def envelope(self) -> dict[str, Any]:
+    def envelope(self) -> ErrorEnvelope:
         return error_envelope(self.message, STATUS[self.kind][1], self.param, self.code)
 
 
 class InvalidRequest(ApiError):
+    """400: a parameter the request got wrong (`param` names it)."""
+
     kind = "invalid_request"
 
 
-class PromptTooLongError(ApiError):
-    kind = "invalid_request"
+class PromptTooLongError(InvalidRequest):
+    """400 context_length_exceeded: the prompt (plus max_tokens) does not fit the model."""
 
 
 class Unauthorized(ApiError):
+    """401: no API key, or a wrong one."""
+
     kind = "unauthorized"
 
 
 class NotFound(ApiError):
+    """404: no such route or model."""
+
     kind = "not_found"
 
 
 class BodyTooLarge(ApiError):
+    """413: the body is over SEEDLING_MAX_BODY_BYTES."""
+
     kind = "body_too_large"
 
 
 class Overloaded(ApiError):
+    """429: admission is full; retry after Retry-After seconds."""
+
     kind = "overloaded"
 
 
 class Unavailable(ApiError):
+    """503: loading, draining, or the engine failed."""
+
     kind = "unavailable"
 
 
@@ -76,10 +101,14 @@ class RequestAborted(Unavailable):
 
 
 class DeadlineExceeded(ApiError):
+    """504: the request ran past SEEDLING_REQUEST_TIMEOUT_S and was aborted."""
+
     kind = "timeout"
 
 
 class InternalError(ApiError):
+    """500: a bug; the message says nothing more (the log has the traceback)."""
+
     kind = "internal"
 
 
@@ -100,7 +129,7 @@ KIND_BY_STATUS = {status: kind for kind, (status, _) in STATUS.items()}
 
 
 def error_envelope(message: str, type_: str, param: str | None = None,
-                   code: str | None = None) -> dict[str, Any]:
+                   code: str | None = None) -> ErrorEnvelope:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
@@ -111,9 +140,7 @@ def to_api_error(exc: BaseException) -> ApiError:
     from model.sampling import SamplingError
     from model.tasks import TaskError
 
-    if isinstance(exc, SamplingError):
-        return InvalidRequest(str(exc), param=exc.param, code="invalid_value")
-    if isinstance(exc, TaskError):
+    if isinstance(exc, SamplingError | TaskError):
         return InvalidRequest(str(exc), param=exc.param, code="invalid_value")
     try:
         from model.engine import PromptTooLong, RequestRejected, UnknownAdapter

@@ -18,14 +18,20 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
+from pydantic import JsonValue
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
 from starlette.staticfiles import StaticFiles
+from starlette.types import Scope
+
+from model.engine import LLMEngine
+from model.tokenizer import Tokenizer
 
 from .engine_client import EngineClient
 from .errors import KIND_BY_STATUS, STATUS, ApiError, InternalError, Unavailable, error_envelope
@@ -36,6 +42,10 @@ from .routes import openai, tasks, utility
 from .service import ClientGone, Service
 from .settings import ServerSettings
 
+if TYPE_CHECKING:
+    from model.adapter_watch import AdapterWatcher
+    from model.inference import InferenceModel
+
 log = logging.getLogger("seedling.app")
 STATIC_DIR = Path(__file__).parent / "static"
 DRAIN_GRACE_S = 5.0  # after the drain timeout: time for the error events and [DONE] to reach clients
@@ -45,14 +55,14 @@ DRAIN_GRACE_S = 5.0  # after the drain timeout: time for the error events and [D
 class Loaded:
     """What loading produces: an engine (not yet running) and what the routes need besides it."""
 
-    engine: Any
-    tokenizer: Any
-    meta: dict[str, Any]
+    engine: LLMEngine
+    tokenizer: Tokenizer
+    meta: dict[str, JsonValue]  # the checkpoint's seedling.json
     model_name: str
     max_model_len: int
     serving_path: str = "unknown"  # which forward serves (model.inference.Capabilities.path)
     checkpoint_dir: Path | None = None  # where the weights came from (heads are checked against them)
-    adapter_builder: Callable[[Path], Any] | None = None  # adapter dir -> a model the engine can serve
+    adapter_builder: Callable[[Path], InferenceModel] | None = None  # adapter dir -> a model the engine can serve
 
 
 @dataclass
@@ -63,7 +73,7 @@ class AppState:
     service: Service | None = None
     load_error: str | None = None
     warm: bool = False
-    watcher: Any = None  # model.adapter_watch.AdapterWatcher, while SEEDLING_ADAPTERS_DIR is set
+    watcher: AdapterWatcher | None = None  # while SEEDLING_ADAPTERS_DIR is set
     drain_timer: asyncio.TimerHandle | None = None
 
     def engine_problem(self) -> tuple[str, str] | None:
@@ -157,7 +167,7 @@ def _heads(settings: ServerSettings, loaded: Loaded, client: EngineClient) -> He
     return HeadService(registry, client, loaded.checkpoint_dir, loaded.tokenizer.pad_id, bf16=bf16_fast())
 
 
-async def _watch_adapters(settings: ServerSettings, loaded: Loaded, client: EngineClient) -> Any:
+async def _watch_adapters(settings: ServerSettings, loaded: Loaded, client: EngineClient) -> AdapterWatcher:
     """Serve every LoRA adapter in adapters_dir now (broken ones logged and skipped), then keep polling it
     on a background thread that builds new ones and hands them to the engine thread between steps."""
     from model.adapter_watch import AdapterWatcher
@@ -238,7 +248,7 @@ def app_from_env() -> FastAPI:
 class _StaticOr404(StaticFiles):
     """The playground at /: anything it does not have (and any non-GET) is our 404 envelope."""
 
-    async def get_response(self, path: str, scope: Any) -> Any:
+    async def get_response(self, path: str, scope: Scope) -> Response:
         if scope["method"] not in ("GET", "HEAD"):
             raise StarletteHTTPException(status_code=404)
         return await super().get_response(path, scope)
@@ -296,8 +306,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ClientGone)
     async def client_gone(request: Request, exc: ClientGone) -> JSONResponse:
-        return JSONResponse({"error": {"message": "client disconnected", "type": "client_closed",
-                                       "param": None, "code": None}}, status_code=499)
+        return JSONResponse(error_envelope("client disconnected", "client_closed"), status_code=499)
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception) -> JSONResponse:

@@ -8,19 +8,30 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from model.engine import RequestOutput
+
+if TYPE_CHECKING:
+    from .engine_client import EngineClient
+
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
 
 
+class HasClient(Protocol):
+    """Where the engine client is, once it runs (app.main.AppState)."""
+
+    client: EngineClient | None
+
+
 class _EngineCollector(Collector):
-    def __init__(self, state: Any) -> None:
-        self.state = state  # AppState: .client (EngineClient | None)
+    def __init__(self, state: HasClient) -> None:
+        self.state = state
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         client = self.state.client
@@ -34,9 +45,9 @@ class _EngineCollector(Collector):
                                               stats.kv_usage if stats else 0.0),
             "seedling_kv_cache_slots_used": ("KV-cache slots in use", stats.kv_slots_used if stats else 0),
             "seedling_prefix_cache_hits": ("prefix-cache hits (engine lifetime)",
-                                           getattr(stats, "prefix_cache_hits", 0) if stats else 0),
+                                           stats.prefix_cache_hits if stats else 0),
             "seedling_prefix_cache_misses": ("prefix-cache misses (engine lifetime)",
-                                             getattr(stats, "prefix_cache_misses", 0) if stats else 0),
+                                             stats.prefix_cache_misses if stats else 0),
             "seedling_engine_healthy": ("1 while the engine thread is alive",
                                         1 if client is not None and client.alive else 0),
         }
@@ -45,7 +56,7 @@ class _EngineCollector(Collector):
 
 
 class Metrics:
-    def __init__(self, state: Any) -> None:
+    def __init__(self, state: HasClient) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.prompt_tokens = Counter("seedling_prompt_tokens", "prompt tokens processed", registry=r)
@@ -76,14 +87,14 @@ class RequestTimer:
         self.prompt_tokens = 0
         self.completion_tokens = 0
 
-    def on_output(self, out: Any, t_added: float | None = None) -> None:
+    def on_output(self, out: RequestOutput, t_added: float | None = None) -> None:
         now = time.perf_counter()
         n_new = len(out.new_token_ids)
         if self.metrics is not None and n_new:
             if self.t_last is None:
                 self.metrics.ttft.observe(now - self.t_arrival)
                 if t_added is not None:  # HTTP arrival -> engine, plus the engine's own wait for a slot
-                    waited = getattr(out, "queue_time_s", None) or 0.0
+                    waited = out.queue_time_s or 0.0
                     self.metrics.queue.observe(max(t_added - self.t_arrival, 0.0) + waited)
             else:
                 per_token = (now - self.t_last) / n_new

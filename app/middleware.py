@@ -18,7 +18,8 @@ import logging
 import re
 import time
 import uuid
-from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import STATUS, error_envelope
 from .settings import ServerSettings
@@ -26,8 +27,6 @@ from .settings import ServerSettings
 log = logging.getLogger("seedling.access")
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-
-Scope = dict[str, Any]
 
 
 class _RequestIdFilter(logging.Filter):
@@ -58,7 +57,7 @@ def route_path(scope: Scope) -> str:
     return path
 
 
-async def _send_error(send: Any, status: int, message: str, type_: str, extra: list[tuple[bytes, bytes]],
+async def _send_error(send: Send, status: int, message: str, type_: str, extra: list[tuple[bytes, bytes]],
                       code: str | None = None) -> None:
     body = json.dumps(error_envelope(message, type_, None, code)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra]
@@ -67,7 +66,7 @@ async def _send_error(send: Any, status: int, message: str, type_: str, extra: l
 
 
 class RequestContextMiddleware:
-    def __init__(self, app: Any, settings: ServerSettings, public_files: frozenset[str] = frozenset()) -> None:
+    def __init__(self, app: ASGIApp, settings: ServerSettings, public_files: frozenset[str] = frozenset()) -> None:
         """`public_files`: route paths of the playground's static files (a page that asks for the key)."""
         self.app = app
         self.settings = settings
@@ -75,7 +74,7 @@ class RequestContextMiddleware:
         self.open_paths = frozenset(settings.open_paths)
         self.public_files = public_files
 
-    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -88,7 +87,7 @@ class RequestContextMiddleware:
         t0 = time.perf_counter()
         status_holder = {"status": 0}
 
-        async def send_with_id(message: dict[str, Any]) -> None:
+        async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 message.setdefault("headers", [])
                 message["headers"] = [*message["headers"], id_header]
@@ -123,7 +122,8 @@ class RequestContextMiddleware:
             ok |= hmac.compare_digest(given_b, key)
         return ok
 
-    async def _limit_body(self, scope: Scope, headers: dict[str, str], receive: Any, send: Any) -> Any:
+    async def _limit_body(self, scope: Scope, headers: dict[str, str], receive: Receive, send: Send
+                          ) -> Receive | None:
         """Buffer the body up to max_body_bytes (413 beyond), then replay it to the app."""
         limit = self.settings.max_body_bytes
         too_large = (413, f"request body is larger than {limit} bytes", STATUS["body_too_large"][1], [],
@@ -150,7 +150,7 @@ class RequestContextMiddleware:
                 break
         replayed = False
 
-        async def replay() -> dict[str, Any]:
+        async def replay() -> Message:
             nonlocal replayed
             if not replayed:
                 replayed = True

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from model.tokenizer import Tokenizer
 
@@ -44,6 +44,6 @@ class PromptGuard:
                 f"maximum context length of {self.max_model_len} tokens; shorten it (it is never truncated "
                 "silently)", param=param, code="context_length_exceeded")
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+    async def run(self, fn: Callable[..., T], *args: object) -> T:
         """fn(*args) in a worker thread (prompt building: tokenizing, length checks)."""
         return await asyncio.to_thread(fn, *args)

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
 
 from model import grammar
 from model.sampling import MAX_LOGIT_BIAS, MAX_STOP_CHARS, MAX_STOPS, SamplingParams
@@ -103,13 +104,13 @@ class SamplingFields(_Strict):
     model: NonEmptyStr | None = Field(None, description="a LoRA adapter (GET /v1/models) or the base model "
                                       "(the default)")
 
-    def sampling_params(self, limits: Limits, **extra: Any) -> SamplingParams:
+    def sampling_params(self, limits: Limits) -> SamplingParams:
         max_tokens = _max_tokens(self.max_tokens, limits, "max_tokens")
         return SamplingParams(
             max_tokens=max_tokens, temperature=_temperature(self.temperature), top_p=self.top_p, top_k=self.top_k,
             min_p=self.min_p, repetition_penalty=self.repetition_penalty,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-            seed=self.seed, stop=_stops(self.stop), **extra)
+            seed=self.seed, stop=_stops(self.stop))
 
     @property
     def explicit_max_tokens(self) -> bool:
@@ -149,7 +150,7 @@ def _logit_bias(bias: dict[str, float] | None, limits: Limits) -> dict[int, floa
     return ids
 
 
-def check_batch(items: list[Any], limits: Limits, param: str) -> None:
+def check_batch(items: Sequence[object], limits: Limits, param: str) -> None:
     if len(items) > limits.max_batch_items:
         raise InvalidRequest(f"{param} has {len(items)} items; at most {limits.max_batch_items} per request",
                              param=param, code="too_many_items")
@@ -326,7 +327,7 @@ class StreamOptions(_Lenient):
 class JsonSchemaFormat(_Lenient):
     name: str = Field(..., min_length=1, max_length=64)
     description: str | None = None
-    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    schema_: dict[str, JsonValue] | None = Field(None, alias="schema")
     strict: bool | None = None  # constrained decoding is always strict (no properties beyond the schema)
 
 
@@ -413,7 +414,7 @@ class ChatCompletionRequest(OpenAISampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[Any] | None = Field(None, description="not supported: must be absent or empty")
+    tools: list[JsonValue] | None = Field(None, description="not supported: must be absent or empty")
 
     def sampling_params(self, limits: Limits) -> SamplingParams:
         if self.tools:

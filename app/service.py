@@ -16,11 +16,13 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from fastapi import Request
+from pydantic import JsonValue
 
 from model import tasks
+from model.engine import FinishReason, RequestOutput, TokenLogprob
 from model.head import LoadedHead
 from model.sampling import SamplingParams
 from model.tokenizer import Tokenizer
@@ -51,7 +53,7 @@ class Generated:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    logprobs: list[Any] = field(default_factory=list)  # model.engine TokenLogprob per output token
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output token, when asked
 
 
 @dataclass
@@ -87,7 +89,7 @@ class PriorCache:
 
 class Service:
     def __init__(self, settings: ServerSettings, tokenizer: Tokenizer, client: EngineClient,
-                 model_name: str, meta: dict[str, Any], metrics: Metrics | None, serving_path: str = "unknown",
+                 model_name: str, meta: dict[str, JsonValue], metrics: Metrics | None, serving_path: str = "unknown",
                  heads: HeadService | None = None) -> None:
         self.settings = settings
         self.heads = heads  # classification heads from SEEDLING_ADAPTERS_DIR (None: not configured)
@@ -159,7 +161,7 @@ class Service:
         return t_arrival_loop + self.settings.request_timeout_s
 
     async def stream(self, request_id: str, prompt_ids: list[int], params: SamplingParams, endpoint: str,
-                     deadline: float, adapter: str | None = None) -> AsyncIterator[Any]:
+                     deadline: float, adapter: str | None = None) -> AsyncIterator[RequestOutput]:
         """RequestOutputs for one item (from the base model or `adapter`), with metrics and outcomes."""
         timer = RequestTimer(self.metrics)
         outcome = "error"
@@ -168,7 +170,7 @@ class Service:
         try:
             async for out in self.client.generate(request_id, prompt_ids, params, deadline, timer, adapter):
                 if out.finished:
-                    outcome = _reason(out.finish_reason) or "stop"
+                    outcome = finish_reason(out.finish_reason) or "stop"
                 yield out
         except BaseException as exc:
             outcome = _outcome_of(exc)
@@ -187,7 +189,7 @@ class Service:
             if out.logprobs:
                 result.logprobs.extend(out.logprobs)
             result.token_ids = out.token_ids
-            result.finish_reason = _reason(out.finish_reason)
+            result.finish_reason = finish_reason(out.finish_reason)
             result.prompt_tokens, result.completion_tokens = out.prompt_tokens, out.completion_tokens
         result.text = "".join(parts)
         if self.settings.log_prompts:
@@ -383,8 +385,9 @@ def _item_id(request_id: str, i: int, n: int) -> str:
     return request_id if n == 1 else f"{request_id}-{i}"
 
 
-def _reason(reason: Any) -> str | None:
-    return None if reason is None else str(getattr(reason, "value", reason))
+def finish_reason(reason: FinishReason | None) -> str | None:
+    """The wire name of an output's finish reason ("stop", "length", ...); None while it runs."""
+    return None if reason is None else reason.value
 
 
 def _outcome_of(exc: BaseException) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from fastapi import Request
@@ -18,8 +18,9 @@ from ..service import Service
 
 log = logging.getLogger("seedling.routes")
 
+OpenAPIResponses = dict[int | str, dict[str, Any]]  # FastAPI's own type for a route's `responses=`
 # OpenAPI `responses=` for every generating route: the statuses our error table can produce
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+ERROR_RESPONSES: OpenAPIResponses = {
     status: {"model": ErrorResponse, "description": why} for status, why in (
         (400, "invalid parameter, malformed JSON, or prompt too long"),
         (401, "missing or wrong API key"),
@@ -30,7 +31,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (504, "request deadline exceeded"),
     )
 }
-SSE_RESPONSE: dict[int | str, dict[str, Any]] = {
+SSE_RESPONSE: OpenAPIResponses = {
     200: {"content": {"text/event-stream": {"schema": {
         "type": "object", "required": ["data"],
         "properties": {"data": {"type": "string", "description": "a JSON chunk, or [DONE]"}}}}},
@@ -69,7 +70,7 @@ def request_id(request: Request) -> str:
     return request.scope.get("state", {}).get("request_id") or "req-unknown"
 
 
-def sse(data: dict[str, Any] | str) -> str:
+def sse(data: Mapping[str, object] | str) -> str:
     payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"), ensure_ascii=False)
     return f"data: {payload}\n\n"
 

@@ -11,10 +11,13 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+from pydantic import JsonValue
 
+from model.engine import RequestOutput
+from model.engine import TokenLogprob as EngineLogprob
 from model.sampling import SamplingParams
 
 from ..errors import InvalidRequest
@@ -35,7 +38,7 @@ from ..protocol import (
     Usage,
     check_batch,
 )
-from ..service import Service
+from ..service import Service, finish_reason
 from .common import (
     ERROR_RESPONSES,
     SSE_RESPONSE,
@@ -51,7 +54,7 @@ router = APIRouter(tags=["openai"])
 STARTED = int(time.time())
 
 
-def _chat_logprobs(svc: Service, logprobs: list[Any]) -> ChoiceLogprobs:
+def _chat_logprobs(svc: Service, logprobs: list[EngineLogprob]) -> ChoiceLogprobs:
     content = []
     for lp in logprobs:
         text, raw = token_text(svc, lp.token_id)
@@ -63,7 +66,7 @@ def _chat_logprobs(svc: Service, logprobs: list[Any]) -> ChoiceLogprobs:
     return ChoiceLogprobs(content=content)
 
 
-def _completion_logprobs(svc: Service, logprobs: list[Any], offset: int) -> CompletionLogprobs:
+def _completion_logprobs(svc: Service, logprobs: list[EngineLogprob], offset: int) -> CompletionLogprobs:
     tokens, values, tops, offsets = [], [], [], []
     for lp in logprobs:
         text, _ = token_text(svc, lp.token_id)
@@ -73,11 +76,6 @@ def _completion_logprobs(svc: Service, logprobs: list[Any], offset: int) -> Comp
         offsets.append(offset)
         offset += len(text)
     return CompletionLogprobs(tokens=tokens, token_logprobs=values, top_logprobs=tops, text_offset=offsets)
-
-
-def _reason(out: Any) -> str | None:
-    reason = out.finish_reason
-    return None if reason is None else str(getattr(reason, "value", reason))
 
 
 def _completion_items(svc: Service, prompts: list[str | list[int]], params: SamplingParams, explicit: bool
@@ -107,7 +105,7 @@ async def models(svc: Service = Depends(get_service)) -> ModelList:
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion, responses={**ERROR_RESPONSES, **SSE_RESPONSE})
 async def chat_completions(body: ChatCompletionRequest, request: Request,
-                           svc: Service = Depends(get_service)) -> Any:
+                           svc: Service = Depends(get_service)) -> ChatCompletion | StreamingResponse:
     adapter = svc.adapter_for(body.model)
     served = adapter or svc.model_name
     [(ids, params)] = await prompt_items(svc, [[m.plain() for m in body.messages]], body.sampling_params(svc.limits),
@@ -118,7 +116,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
         base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": served}
         usage_field = {"usage": None} if body.include_usage else {}
 
-        def chunk(delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> str:
+        def chunk(delta: dict[str, str], finish: str | None = None, logprobs: JsonValue = None) -> str:
             choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
             return sse({**base, "choices": [choice], **usage_field})
 
@@ -130,7 +128,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
                 if out.text_delta or lp:
                     yield chunk({"content": out.text_delta}, logprobs=lp)
                 if out.finished:
-                    yield chunk({}, finish=_reason(out))
+                    yield chunk({}, finish=finish_reason(out.finish_reason))
                     if body.include_usage:
                         usage = Usage.of(out.prompt_tokens, out.completion_tokens).model_dump()
                         yield sse({**base, "choices": [], "usage": usage})
@@ -145,7 +143,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
 
 
 @router.post("/v1/completions", response_model=Completion, responses={**ERROR_RESPONSES, **SSE_RESPONSE})
-async def completions(body: CompletionRequest, request: Request, svc: Service = Depends(get_service)) -> Any:
+async def completions(body: CompletionRequest, request: Request, svc: Service = Depends(get_service)
+                      ) -> Completion | StreamingResponse:
     adapter = svc.adapter_for(body.model)
     served = adapter or svc.model_name
     if body.echo and body.logprobs is not None:
@@ -165,7 +164,7 @@ async def completions(body: CompletionRequest, request: Request, svc: Service = 
         usage_field = {"usage": None} if body.include_usage else {}
 
         async def events() -> AsyncIterator[str]:
-            queue: asyncio.Queue[Any] = asyncio.Queue()
+            queue: asyncio.Queue[tuple[int, RequestOutput | Exception]] = asyncio.Queue()
             deadline = svc.deadline(asyncio.get_running_loop().time())
 
             async def pump(i: int) -> None:
@@ -192,7 +191,7 @@ async def completions(body: CompletionRequest, request: Request, svc: Service = 
                     lp = (_completion_logprobs(svc, out.logprobs, 0).model_dump() if out.logprobs else None)
                     if out.text_delta or lp or out.finished:
                         choice = {"index": i, "text": out.text_delta, "logprobs": lp,
-                                  "finish_reason": _reason(out) if out.finished else None}
+                                  "finish_reason": finish_reason(out.finish_reason) if out.finished else None}
                         yield sse({**base, "choices": [choice], **usage_field})
                     if out.finished:
                         open_items -= 1

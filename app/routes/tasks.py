@@ -8,10 +8,10 @@ summed `usage`. /chat with `stream: true` (one conversation) sends SSE deltas
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
 
 from model import tasks
 
@@ -36,7 +36,7 @@ from ..protocol import (
     as_list,
     check_batch,
 )
-from ..service import Generated, Service
+from ..service import Generated, Service, finish_reason
 from .common import ERROR_RESPONSES, SSE_RESPONSE, event_stream, get_service, prompt_items, request_id, sse
 
 router = APIRouter(tags=["tasks"])
@@ -46,7 +46,7 @@ def _usage(g: Generated) -> Usage:
     return Usage.of(g.prompt_tokens, g.completion_tokens)
 
 
-def _total(items: list[Any]) -> Usage:
+def _total(items: list[ChatItem] | list[TextItem] | list[ClassifyItem]) -> Usage:
     total = Usage()
     for item in items:
         total = total.add(item.usage)
@@ -55,7 +55,8 @@ def _total(items: list[Any]) -> Usage:
 
 @router.post("/chat", response_model=ChatResponse | ChatBatchResponse,
              responses={**ERROR_RESPONSES, **SSE_RESPONSE})
-async def chat(body: ChatRequest, request: Request, svc: Service = Depends(get_service)) -> Any:
+async def chat(body: ChatRequest, request: Request, svc: Service = Depends(get_service)
+               ) -> ChatResponse | ChatBatchResponse | StreamingResponse:
     conversations, is_batch = body.conversations()
     check_batch(conversations, svc.limits, "messages")
     adapter = svc.adapter_for(body.model)
@@ -75,7 +76,7 @@ async def chat(body: ChatRequest, request: Request, svc: Service = Depends(get_s
                 if out.text_delta:
                     yield sse({"id": rid, "index": 0, "delta": out.text_delta})
                 if out.finished:
-                    yield sse({"id": rid, "index": 0, "finish_reason": _reason(out),
+                    yield sse({"id": rid, "index": 0, "finish_reason": finish_reason(out.finish_reason),
                                "usage": Usage.of(out.prompt_tokens, out.completion_tokens).model_dump()})
 
         return event_stream(svc, events)
@@ -87,8 +88,9 @@ async def chat(body: ChatRequest, request: Request, svc: Service = Depends(get_s
     return ChatResponse(id=rid, model=served, **chat_items[0].model_dump())
 
 
-async def _text_task(request: Request, svc: Service, body: Any, texts: list[str], is_batch: bool,
-                     messages: list[list[dict[str, str]]], endpoint: str) -> Any:
+async def _text_task(request: Request, svc: Service, body: SummarizeRequest | TranslateRequest, texts: list[str],
+                     is_batch: bool, messages: list[list[dict[str, str]]], endpoint: str
+                     ) -> TextResponse | TextBatchResponse:
     adapter = svc.adapter_for(body.model)
     served = adapter or svc.model_name
     items = await prompt_items(svc, messages, body.sampling_params(svc.limits), body.explicit_max_tokens, param="text")
@@ -100,7 +102,8 @@ async def _text_task(request: Request, svc: Service, body: Any, texts: list[str]
     return TextResponse(id=rid, model=served, **text_items[0].model_dump())
 
 
-def _task_messages(build: Any, texts: list[str], *args: Any) -> list[list[dict[str, str]]]:
+def _task_messages(build: Callable[..., list[dict[str, str]]], texts: list[str], *args: object
+                   ) -> list[list[dict[str, str]]]:
     try:
         return [build(text, *args) for text in texts]
     except tasks.TaskError as exc:
@@ -108,7 +111,8 @@ def _task_messages(build: Any, texts: list[str], *args: Any) -> list[list[dict[s
 
 
 @router.post("/summarize", response_model=TextResponse | TextBatchResponse, responses=ERROR_RESPONSES)
-async def summarize(body: SummarizeRequest, request: Request, svc: Service = Depends(get_service)) -> Any:
+async def summarize(body: SummarizeRequest, request: Request, svc: Service = Depends(get_service)
+                    ) -> TextResponse | TextBatchResponse:
     texts, is_batch = as_list(body.text)
     check_batch(texts, svc.limits, "text")
     messages = _task_messages(tasks.summarize_messages, texts, body.max_words)
@@ -116,7 +120,8 @@ async def summarize(body: SummarizeRequest, request: Request, svc: Service = Dep
 
 
 @router.post("/translate", response_model=TextResponse | TextBatchResponse, responses=ERROR_RESPONSES)
-async def translate(body: TranslateRequest, request: Request, svc: Service = Depends(get_service)) -> Any:
+async def translate(body: TranslateRequest, request: Request, svc: Service = Depends(get_service)
+                    ) -> TextResponse | TextBatchResponse:
     texts, is_batch = as_list(body.text)
     check_batch(texts, svc.limits, "text")
     messages = _task_messages(tasks.translate_messages, texts, body.target_lang, body.source_lang)
@@ -124,7 +129,8 @@ async def translate(body: TranslateRequest, request: Request, svc: Service = Dep
 
 
 @router.post("/classify", response_model=ClassifyResponse | ClassifyBatchResponse, responses=ERROR_RESPONSES)
-async def classify(body: ClassifyRequest, request: Request, svc: Service = Depends(get_service)) -> Any:
+async def classify(body: ClassifyRequest, request: Request, svc: Service = Depends(get_service)
+                   ) -> ClassifyResponse | ClassifyBatchResponse:
     """Zero-shot (given `labels`) or fine-tuned (checkpoint label set) classification.
 
     With a classification head in SEEDLING_ADAPTERS_DIR whose label set equals `labels` (any order),
@@ -154,11 +160,6 @@ async def classify(body: ClassifyRequest, request: Request, svc: Service = Depen
         return ClassifyBatchResponse(id=rid, model=served, multi_label=body.multi_label,
                                      results=items, usage=_total(items))
     return ClassifyResponse(id=rid, model=served, multi_label=body.multi_label, **items[0].model_dump())
-
-
-def _reason(out: Any) -> str | None:
-    reason = out.finish_reason
-    return None if reason is None else str(getattr(reason, "value", reason))
 
 
 def _loop_time() -> float:

@@ -5,13 +5,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ..errors import InvalidRequest
+from ..errors import STATUS, InvalidRequest, error_envelope
 from ..protocol import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -21,10 +21,13 @@ from ..protocol import (
     TokenizeResponse,
 )
 from ..service import Service
-from .common import ERROR_RESPONSES, get_service
+from .common import ERROR_RESPONSES, OpenAPIResponses, get_service
+
+if TYPE_CHECKING:
+    from ..main import AppState
 
 router = APIRouter(tags=["utility"])
-PROBE_RESPONSES: dict[int | str, dict[str, Any]] = {503: {"model": ErrorResponse, "description": "not healthy"}}
+PROBE_RESPONSES: OpenAPIResponses = {503: {"model": ErrorResponse, "description": "not healthy"}}
 
 
 @router.post("/tokenize", response_model=TokenizeResponse, responses=ERROR_RESPONSES)
@@ -49,15 +52,15 @@ async def detokenize(body: DetokenizeRequest, svc: Service = Depends(get_service
 
 
 def _unhealthy(message: str, code: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": "service_unavailable_error", "param": None,
-                                   "code": code}}, status_code=503)
+    status, type_ = STATUS["unavailable"]
+    return JSONResponse(error_envelope(message, type_, code=code), status_code=status)
 
 
 @router.get("/health", response_model=HealthResponse, responses=PROBE_RESPONSES)
-async def health(request: Request) -> Any:
+async def health(request: Request) -> HealthResponse | JSONResponse:
     """Liveness: red (503) when the model could not load, the engine thread failed, or it stopped
     beating (a step hangs past SEEDLING_ENGINE_STALL_TIMEOUT_S)."""
-    state = request.app.state.seedling
+    state: AppState = request.app.state.seedling
     if state.load_error is not None:
         return _unhealthy(f"model failed to load: {state.load_error}", "load_failed")
     problem = state.engine_problem()
@@ -68,10 +71,10 @@ async def health(request: Request) -> Any:
 
 
 @router.get("/ready", response_model=HealthResponse, responses=PROBE_RESPONSES)
-async def ready(request: Request) -> Any:
+async def ready(request: Request) -> HealthResponse | JSONResponse:
     """Readiness: 503 until the model is loaded and warm, while draining, and after a failure or
     while the engine is stalled (a load balancer then sends nothing more here)."""
-    state = request.app.state.seedling
+    state: AppState = request.app.state.seedling
     if state.load_error is not None:
         return _unhealthy(f"model failed to load: {state.load_error}", "load_failed")
     if state.service is None or not state.warm:
