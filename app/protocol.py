@@ -15,7 +15,7 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
 
@@ -480,14 +480,23 @@ class ChatChoice(BaseModel):
     finish_reason: str | None
 
 
-class ChatCompletion(BaseModel):
+ChoiceT = TypeVar("ChoiceT", bound=BaseModel)
+
+
+class _OpenAIResponse(BaseModel, Generic[ChoiceT]):
+    """The envelope both OpenAI completion responses share; subclasses fix `object` and the choice type."""
+
     id: str
-    object: Literal["chat.completion"] = "chat.completion"
+    object: str
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
-    choices: list[ChatChoice]
+    choices: list[ChoiceT]
     usage: Usage
     system_fingerprint: str | None = None
+
+
+class ChatCompletion(_OpenAIResponse[ChatChoice]):
+    object: Literal["chat.completion"] = "chat.completion"
 
 
 class CompletionLogprobs(BaseModel):
@@ -504,14 +513,8 @@ class CompletionChoice(BaseModel):
     finish_reason: str | None
 
 
-class Completion(BaseModel):
-    id: str
+class Completion(_OpenAIResponse[CompletionChoice]):
     object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage
-    system_fingerprint: str | None = None
 
 
 class ModelCard(BaseModel):

@@ -49,6 +49,7 @@ from training.common import (
     set_rng_state,
     set_threads,
     write_json,
+    write_summary,
 )
 from training.data import DataError, SFTExample, render_example, task_messages
 from training.finetune import Source, fit_chat, load_sources, parse_source
@@ -448,8 +449,7 @@ def main(cfg: AdaptConfig) -> dict[str, Any]:
     summary = {"adapter": str(path), "steps": st.step, "finished_schedule": finished, "best_step": st.best_step,
                "val_loss": round(st.best_loss, 4), "train_minutes": round(st.seconds / 60, 2),
                "tokens_per_s": round(st.tokens / max(st.seconds, 1e-9), 1)}
-    write_json(out_dir / "summary.json", summary)
-    print("adapt: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
+    write_summary(out_dir, "adapt", summary)
     return summary
 
 

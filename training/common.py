@@ -284,6 +284,12 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
+def write_summary(out_dir: Path, job: str, summary: Mapping[str, Any]) -> None:
+    """A job's end: `out_dir/summary.json`, and the same as one printed line `job: key=value, ...`."""
+    write_json(out_dir / "summary.json", summary)
+    print(f"{job}: " + ", ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+
+
 # ---------------------------------------------------------------------------- metrics log + plot
 class MetricsLog:
     """Appends one JSON object per line to `path`; `truncate_after(step)` drops records a killed run

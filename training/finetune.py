@@ -44,6 +44,7 @@ from training.common import (
     set_lr,
     set_threads,
     write_json,
+    write_summary,
 )
 from training.data import (
     DataError,
@@ -343,8 +344,7 @@ def main(cfg: FinetuneConfig) -> dict[str, Any]:
                "tokens_per_s": round(tokens / (time.perf_counter() - t0), 1),
                "seconds": round(time.perf_counter() - t0, 1), "dropped_examples": mixture.dropped,
                "labels": {k: len(v) for k, v in labels.items()}}
-    write_json(out_dir / "summary.json", summary)
-    print("finetune: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
+    write_summary(out_dir, "finetune", summary)
     return summary
 
 

@@ -48,6 +48,7 @@ from training.common import (
     set_rng_state,
     set_threads,
     write_json,
+    write_summary,
 )
 from training.data import PackedWindows, read_shard
 
@@ -383,9 +384,7 @@ def summarize(run: Run, start: int, done: int, meter: Meter) -> dict[str, Any]:
     if meter.peak_tflops:
         summary["mfu"] = meter.mfu(summary["tokens_per_s"])
     if run.dist.is_main:
-        write_json(run.out_dir / "summary.json", summary)
-        print("pretrain: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                       for k, v in summary.items()))
+        write_summary(run.out_dir, "pretrain", summary)
     return summary
 
 
