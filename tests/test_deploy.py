@@ -17,6 +17,7 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -143,9 +144,12 @@ def test_compose_services_volumes_healthchecks() -> None:
     c = _compose()
     services = c["services"]
     assert {"api", "train", "lb"} <= set(services)
-    assert "seedling-data" in c["volumes"]
+    # made once by `docker volume create seedling-data` (as the docs say), shared with `docker run`:
+    # compose would warn about a volume it did not create unless it is external
+    assert c["volumes"]["seedling-data"] == {"name": "seedling-data", "external": True}
+    assert "docker volume create seedling-data" in DEPLOYMENT_DOC.read_text()
     api = services["api"]
-    assert api.get("profiles") is None, "api runs by default"
+    assert api["profiles"] == ["serve"], "api has its own profile (not started by --profile scale)"
     assert api["restart"] in ("unless-stopped", "always", "on-failure")
     assert "seedling-data:/data" in api["volumes"]
     assert any(str(p).endswith("${API_PORT:-8000}") for p in api["ports"])
@@ -177,6 +181,33 @@ def test_compose_scale_profile_behind_nginx() -> None:
         assert lb["depends_on"][name]["condition"] == "service_healthy"
 
 
+def test_every_service_has_a_profile() -> None:
+    """A service without profiles starts with every profile: `--profile scale up` would also start the
+    plain api on :8000, outside the balancer."""
+    services = _compose()["services"]
+    assert all(s.get("profiles") for s in services.values()), {n: s.get("profiles") for n, s in services.items()}
+    scale = {name for name, s in services.items() if "scale" in s["profiles"]}
+    assert scale == {name for name in services if re.fullmatch(r"api-\d+", name)} | {"lb"}
+
+
+def test_compose_build_args_and_lb_healthcheck() -> None:
+    services = _compose()["services"]
+    # `${VAR-default}`: an explicitly empty TORCH_INDEX stays empty (no torch index: air-gapped builds);
+    # `${VAR:-default}` would turn it back into the unreachable default index
+    torch_index = services["api"]["build"]["args"]["TORCH_INDEX"]
+    assert torch_index.startswith("${TORCH_INDEX-") and ":-" not in torch_index
+    # the balancer's check runs in LB_IMAGE, which promises only nginx and sh: no curl, no wget
+    test = " ".join(services["lb"]["healthcheck"]["test"])
+    assert not re.search(r"\b(curl|wget|python)\b", test) and "/proc/net/tcp" in test
+    check = test.removeprefix("CMD-SHELL ").replace("$$", "$")  # what the container's sh runs
+    with socket.socket() as sock:  # a listening socket like nginx's: found, and once closed, not
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = str(sock.getsockname()[1])
+        assert subprocess.run(["sh", "-c", check], env={"LB_PORT": port, "PATH": os.environ["PATH"]}).returncode == 0
+    assert subprocess.run(["sh", "-c", check], env={"LB_PORT": port, "PATH": os.environ["PATH"]}).returncode == 1
+
+
 def test_compose_env_is_known_settings() -> None:
     known = _known_env_vars()
     for name, service in _compose()["services"].items():
@@ -190,6 +221,8 @@ def test_host_network_override() -> None:
     override = yaml.safe_load(HOST_OVERRIDE.read_text())["services"]
     assert set(override) == set(base), "every service must join the host network"
     assert all(s["network_mode"] == "host" for s in override.values())
+    built = {name for name, s in base.items() if "build" in s}
+    assert all(override[name]["build"]["network"] == "host" for name in built), "builds reach pip's index too"
     assert override["lb"]["environment"]["API_HOST_1"] == "127.0.0.1"
     # never a bridge network, in either file
     for doc in (_compose(), yaml.safe_load(HOST_OVERRIDE.read_text())):
