@@ -44,7 +44,8 @@ def _split(text: str) -> tuple[str, ...]:
 Count = Annotated[int, Field(ge=1)]
 Device = Annotated[str, AfterValidator(_device)]
 LogLevel = Annotated[Literal["debug", "info", "warning", "error", "critical"], BeforeValidator(str.lower)]
-CommaList = Annotated[tuple[str, ...], NoDecode, BeforeValidator(lambda v: _split(v) if isinstance(v, str) else v)]
+CommaList = Annotated[tuple[Annotated[str, Field(min_length=1)], ...], NoDecode,
+                      BeforeValidator(lambda v: _split(v) if isinstance(v, str) else v)]  # "a, b," -> ("a", "b")
 
 
 class ServerSettings(BaseSettings):
@@ -111,8 +112,6 @@ class ServerSettings(BaseSettings):
                              f"SEEDLING_MAX_NUM_SEQS + SEEDLING_MAX_QUEUED_REQUESTS = {self.admission_limit}: a request "
                              "with that many items could never be admitted (429 forever); lower it or raise the others")
         self.api_keys += _read_keys(self.api_keys_file) if self.api_keys_file else ()
-        if not all(self.api_keys):
-            raise ValueError("SEEDLING_API_KEYS must not contain empty keys")
         if not self.api_keys and not self.allow_unauthenticated and not _is_loopback(self.host):
             raise ValueError(f"SEEDLING_HOST={self.host} is reachable from other machines but no API key is set: give "
                              "SEEDLING_API_KEYS or SEEDLING_API_KEYS_FILE, bind 127.0.0.1, or set "
