@@ -8,17 +8,22 @@
 Built on xgrammar (docs/structured-output.md says why, with numbers: its per-step mask is ~15x cheaper
 than llguidance's on our tokenizer, and the mask sits on every constrained decode step). It reads the
 raw bytes of every token, so our SentencePiece and byte-level BPE tokenizers look alike to it. Compiled
-grammars are cached per schema in an LRU owned by the compiler (no global state). Masks are packed
+grammars are cached per format in an LRU owned by the compiler (no global state). Masks are packed
 int32 bitmasks; `apply_bitmask` turns them into -inf on the logits with plain torch ops, after the
 forward, so the q4 CPU path and the torch path share it.
+
+Schemas are checked before compiling (`_check_supported`): keywords xgrammar would silently ignore
+(measured: outputs violating them) are refused by name, and the string formats it enforces loosely
+(date, time, date-time, ipv4, email, hostname) are compiled as exact patterns of our own (`FORMAT_PATTERNS`).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -27,72 +32,158 @@ import xgrammar as xgr
 from model.sampling import SamplingError
 from model.tokenizer import Tokenizer
 
-PARAM = "response_format"  # the request field every error here names
+PARAM = "response_format"  # the request field errors name unless a format says otherwise
 MAX_SCHEMA_CHARS = 100_000  # a schema is compiled on the engine thread: bound its size
 _BITS = torch.arange(32, dtype=torch.int32)
 
+# keywords xgrammar accepts but does not enforce (measured: random walks through its grammar, checked with
+# jsonschema_rs, give outputs that violate them) -> a hint for the 400's message
+UNSUPPORTED: dict[str, str] = {
+    "not": "", "if": "", "then": "", "else": "", "dependentRequired": "", "dependentSchemas": "",
+    "dependencies": "", "contains": "", "minContains": "", "maxContains": "", "uniqueItems": "",
+    "oneOf": "use anyOf (alternatives that exclude each other mean the same)",
+}
+_D2 = "(0[1-9]|[12][0-9])"
+# exact patterns for the formats xgrammar enforces loosely (it lets through 2026-09-31, 12:00:60, 01.2.3.4);
+# email and hostname: a conservative subset (what is generated always validates)
+_DATE = (rf"([0-9]{{4}}-(0[13578]|1[02])-({_D2}|3[01])|[0-9]{{4}}-(0[469]|11)-({_D2}|30)|[0-9]{{4}}-02-(0[1-9]|1[0-9]|2[0-8])"
+         r"|[0-9]{2}([02468][48]|[13579][26]|[2468]0)-02-29)")
+_TIME = r"([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]([.][0-9]{1,6})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])"
+_OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9][0-9]|[0-9])"
+_LABEL = r"[a-zA-Z0-9]([a-zA-Z0-9-]{0,20}[a-zA-Z0-9])?"
+FORMAT_PATTERNS: dict[str, str] = {
+    "date": f"^{_DATE}$",
+    "time": f"^{_TIME}$",
+    "date-time": f"^{_DATE}T{_TIME}$",
+    "ipv4": rf"^({_OCTET}[.]){{3}}{_OCTET}$",
+    "email": rf"^[a-zA-Z0-9_+-]{{1,20}}([.][a-zA-Z0-9_+-]{{1,20}}){{0,2}}@({_LABEL}[.]){{1,3}}[a-zA-Z]{{2,10}}$",
+    "hostname": rf"^({_LABEL}[.]){{0,3}}{_LABEL}$",
+}
+
 
 class GrammarError(SamplingError):
-    """A response format that cannot be compiled (a client error: the HTTP layer maps it to 400)."""
+    """A format that cannot be compiled (a client error: the HTTP layer maps it to 400, naming `param`)."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message, param=PARAM)
+    def __init__(self, message: str, param: str = PARAM) -> None:
+        super().__init__(message, param=param)
 
 
 @dataclass(frozen=True)
 class ResponseFormat:
-    """What a request's output must be: any JSON object, or JSON valid for `schema` (canonical JSON text,
-    so equal schemas share one cache entry and the dataclass stays hashable)."""
+    """What a request's output must be: any JSON object, or JSON valid for a schema. `schema_json` is the
+    schema as compiled (canonical JSON text, loose formats rewritten as patterns), so equal schemas share
+    one cache entry; `param` is the request field its errors name."""
 
-    schema_json: str  # '{"type": "object"}' for json_object
+    schema_json: str  # '{"type":"object"}' for json_object
+    param: str = field(default=PARAM, compare=False)
 
     @classmethod
     def json_object(cls) -> ResponseFormat:
         return cls('{"type":"object"}')
 
     @classmethod
-    def json_schema(cls, schema: Any) -> ResponseFormat:
-        if isinstance(schema, bool):
-            schema = {} if schema else {"not": {}}
+    def json_schema(cls, schema: Any, param: str = PARAM, where: str | None = None) -> ResponseFormat:
+        """`where` is how messages name the schema (default `<param>.json_schema.schema`)."""
+        where = where or f"{param}.json_schema.schema"
+        if schema is True:
+            schema = {}
         if not isinstance(schema, dict):
-            raise GrammarError(f"{PARAM}.json_schema.schema must be a JSON object, got {type(schema).__name__}")
-        _check_supported(schema, f"{PARAM}.json_schema.schema")
-        text = json.dumps(schema, separators=(",", ":"))  # key order kept: it is the order fields are generated in
-        if len(text) > MAX_SCHEMA_CHARS:
-            raise GrammarError(f"{PARAM}.json_schema.schema is {len(text)} characters, over {MAX_SCHEMA_CHARS}")
-        return cls(text)
+            raise GrammarError(f"{where} must be a JSON object, got {type(schema).__name__}", param)
+        text = json.dumps(compilable_schema(schema, where, param), separators=(",", ":"), ensure_ascii=False)
+        if len(text) > MAX_SCHEMA_CHARS:  # key order kept: it is the order fields are generated in
+            raise GrammarError(f"{where} is {len(text)} characters, over {MAX_SCHEMA_CHARS}", param)
+        return cls(text, param)
 
 
-def _check_supported(node: Any, where: str) -> None:
-    """Refuse what xgrammar would silently drop (it only warns on stderr): an output that ignored part of
-    the schema would not validate against it."""
-    if isinstance(node, dict):
-        if "pattern" in node and ("minLength" in node or "maxLength" in node):
-            raise GrammarError(f"{where}: pattern combined with minLength/maxLength is not supported; "
-                               "put the length into the pattern (e.g. ^[0-9]{2,3}$)")
-        for key, value in node.items():
-            _check_supported(value, f"{where}.{key}")
-    elif isinstance(node, list):
+def compilable_schema(schema: dict[str, Any], where: str, param: str = PARAM) -> dict[str, Any]:
+    """`schema` as xgrammar should compile it: GrammarError naming what it cannot enforce, loose string
+    formats replaced by exact patterns. The caller's schema is not modified."""
+    schema = copy.deepcopy(schema)
+    _check_supported(schema, where, param)
+    return schema
+
+
+_SCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
+_VALUES = ("const", "enum", "default", "examples", "required", "title", "description")  # not schemas
+
+
+def _check_supported(node: Any, where: str, param: str) -> None:
+    """Refuse what xgrammar would silently drop (it at most warns on stderr): an output that ignored part of
+    the schema would not validate against it. Rewrites `format` in place (FORMAT_PATTERNS)."""
+    if isinstance(node, list):
         for i, value in enumerate(node):
-            _check_supported(value, f"{where}[{i}]")
+            _check_supported(value, f"{where}[{i}]", param)
+        return
+    if not isinstance(node, dict):
+        return
+    why = _unsupported(node)
+    if why:
+        raise GrammarError(f"{where}: {why}", param)
+    fmt = node.get("format")
+    if isinstance(fmt, str) and fmt in FORMAT_PATTERNS and node.get("type", "string") == "string":
+        node.pop("format")
+        node["pattern"] = FORMAT_PATTERNS[fmt]
+    if isinstance(node.get("pattern"), str):
+        node["pattern"] = optional_groups(node["pattern"])
+    for key, value in node.items():
+        if key in _SCHEMA_MAPS and isinstance(value, dict):  # name -> schema
+            for name, sub in value.items():
+                _check_supported(sub, f"{where}.{key}.{name}", param)
+        elif key not in _VALUES:
+            _check_supported(value, f"{where}.{key}", param)
+
+
+def _unsupported(node: dict[str, Any]) -> str | None:
+    for key, hint in UNSUPPORTED.items():
+        if key in node and not (key == "uniqueItems" and node[key] is False):
+            return f"{key} is not supported" + (f"; {hint}" if hint else "")
+    if "allOf" in node and (not isinstance(node["allOf"], list) or len(node["allOf"]) > 1):
+        return "allOf with more than one schema is not supported; merge them into one schema"
+    if "multipleOf" in node and node.get("type") != "integer":
+        return "multipleOf is supported on integers only (type: integer)"
+    lengths = "minLength" in node or "maxLength" in node
+    if lengths and ("pattern" in node or "format" in node):
+        what = "pattern" if "pattern" in node else "format"
+        return (f"{what} combined with minLength/maxLength is not supported; put the length into the "
+                "pattern (e.g. ^[0-9]{2,3}$)")
+    if "pattern" in node and node.get("format") in FORMAT_PATTERNS:
+        return "format combined with pattern is not supported; use one of them"
+    return None
+
+
+def optional_groups(pattern: str) -> str:
+    """`(...)?` written as `(...){0,1}`: xgrammar 0.2.9 turns `(x[0-9]+)?` into "x optional too" (it
+    accepts "1"), while `{0,1}` means what `?` should. Escapes and character classes are skipped."""
+    out: list[str] = []
+    i, in_class, after_group = 0, False, False
+    while i < len(pattern):
+        ch = pattern[i]
+        piece, i = (pattern[i:i + 2], i + 2) if ch == "\\" else (ch, i + 1)
+        if ch == "?" and after_group:
+            piece = "{0,1}"
+        after_group = not in_class and ch == ")"
+        if in_class:
+            in_class = ch != "]"
+        elif ch == "[":
+            in_class = True
+        out.append(piece)
+    return "".join(out)
 
 
 class Constraint:
     """One sequence's grammar state: which tokens may come next, advanced by every sampled token.
     Stop tokens are allowed exactly when the grammar accepts what was generated so far."""
 
-    def __init__(self, matcher: xgr.GrammarMatcher, no_controls: torch.Tensor) -> None:
+    def __init__(self, matcher: xgr.GrammarMatcher, allowed: torch.Tensor | None, vocab_size: int) -> None:
         self.matcher = matcher
-        self.no_controls = no_controls
-
-    @property
-    def vocab_size(self) -> int:
-        return self.no_controls.numel() * 32
+        self.allowed = allowed  # tokens ever allowed (a bitmask ANDed into every mask), None = all
+        self.vocab_size = vocab_size
 
     def fill_mask(self, bitmask: torch.Tensor, row: int) -> None:
         """Write the allowed-token bitmask into `bitmask[row]` (int32, CPU, from `allocate_bitmask`)."""
         self.matcher.fill_next_token_bitmask(bitmask, row)
-        bitmask[row] &= self.no_controls
+        if self.allowed is not None:
+            bitmask[row] &= self.allowed
 
     def advance(self, token: int) -> None:
         if not self.matcher.accept_token(token):
@@ -106,18 +197,23 @@ class Constraint:
 @dataclass(frozen=True)
 class CompiledGrammar:
     compiled: xgr.CompiledGrammar
-    # bitmask (W,) of the tokens without a raw control byte: xgrammar's JSON strings admit U+0000-U+001F
-    # unescaped, which JSON forbids; our one-line JSON never needs one (escapes are plain ASCII)
-    no_controls: torch.Tensor
+    # bitmask (W,) of the tokens a sequence may ever use, None = all. JSON formats: no token with a raw
+    # control byte (xgrammar's strings with minLength/maxLength admit U+0000-U+001F unescaped, which JSON
+    # forbids; our one-line JSON never needs one).
+    allowed: torch.Tensor | None
+    vocab_size: int
 
     def start(self, stop_ids: Sequence[int] | None = None) -> Constraint:
         """A fresh matcher; `stop_ids` (a request's own stop tokens) replace the tokenizer's."""
         return Constraint(xgr.GrammarMatcher(self.compiled, override_stop_tokens=sorted(stop_ids)
-                                             if stop_ids else None), self.no_controls)
+                                             if stop_ids else None), self.allowed, self.vocab_size)
+
+
+OutputFormat = ResponseFormat
 
 
 class GrammarCompiler:
-    """Compiles response formats against one tokenizer; the `cache_size` most recent stay compiled."""
+    """Compiles output formats against one tokenizer; the `cache_size` most recent stay compiled."""
 
     def __init__(self, tok: Tokenizer, cache_size: int = 64, threads: int = 1) -> None:
         self.vocab_size = tok.vocab_size
@@ -127,12 +223,12 @@ class GrammarCompiler:
         info = xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, vocab_size=tok.vocab_size,
                                  stop_token_ids=sorted(tok.stop_ids))
         self._no_controls = _bitmask_of([not any(b < 0x20 for b in token) for token in vocab])
-        # xgrammar's own cache is off: ours is an LRU bounded in entries, keyed by the canonical schema
+        # xgrammar's own cache is off: ours is an LRU bounded in entries, keyed by the canonical format
         self._compiler = xgr.GrammarCompiler(info, max_threads=threads, cache_enabled=False)
         self.cache_size = cache_size
-        self._cache: OrderedDict[ResponseFormat, CompiledGrammar] = OrderedDict()
+        self._cache: OrderedDict[OutputFormat, CompiledGrammar] = OrderedDict()
 
-    def compile(self, fmt: ResponseFormat) -> CompiledGrammar:
+    def compile(self, fmt: OutputFormat) -> CompiledGrammar:
         hit = self._cache.get(fmt)
         if hit is not None:
             self._cache.move_to_end(fmt)
@@ -146,17 +242,21 @@ class GrammarCompiler:
     def compile_json_schema(self, schema: dict[str, Any]) -> CompiledGrammar:
         return self.compile(ResponseFormat.json_schema(schema))
 
-    def _compile(self, fmt: ResponseFormat) -> CompiledGrammar:
+    def _compile(self, fmt: OutputFormat) -> CompiledGrammar:
         try:  # one line, ", " and ": " (what json.dumps writes), no free whitespace: a small model left
             # free to pad with spaces can do so until max_tokens
             compiled = self._compiler.compile_json_schema(fmt.schema_json, any_whitespace=False, strict_mode=True)
         except (RuntimeError, ValueError, TypeError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise GrammarError(f"{PARAM}: unsupported or invalid JSON schema: {first}") from None
-        return CompiledGrammar(compiled, self._no_controls)
+            raise GrammarError(f"{fmt.param}: unsupported or invalid JSON schema: {_first_line(e)}", fmt.param) from None
+        return CompiledGrammar(compiled, self._no_controls, self.vocab_size)
 
     def allocate_bitmask(self, rows: int) -> torch.Tensor:
         return xgr.allocate_token_bitmask(rows, self.vocab_size)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _bitmask_of(allowed: list[bool]) -> torch.Tensor:

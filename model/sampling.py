@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from model.grammar import ResponseFormat
+    from model.grammar import OutputFormat
 
 MAX_LOGIT_BIAS = 300  # logit_bias entries per request (OpenAI's limit)
 MAX_BIAS = 100.0  # |bias| per entry (OpenAI's range)
@@ -50,8 +50,9 @@ class SamplingParams:
     min_tokens: int = 0  # EOS/stop ids are masked until this many tokens exist
     logprobs: int | None = None  # return log-probabilities of the chosen and top-n tokens
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit each step
-    # output must match this JSON schema (model.grammar): the engine masks every step's logits with it
-    response_format: ResponseFormat | None = None
+    # output must match this JSON schema or tool-call format (model.grammar): the engine masks every
+    # step's logits with it
+    response_format: OutputFormat | None = None
     # logit_bias as (ids, values) tensors, built once here so each step applies it in one add
     _bias: tuple[torch.Tensor, torch.Tensor] | None = field(init=False, repr=False, compare=False, default=None)
 

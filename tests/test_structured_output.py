@@ -1,83 +1,48 @@
 """Structured output (model.grammar): every constrained output parses and validates against its schema,
-on the random tiny model (whose unconstrained output is noise, so the grammar does all the work)."""
+on the random tiny model (whose unconstrained output is noise, so the grammar does all the work).
+
+The suite (tests/schema_suite.py: 62 schemas x 2 prompts) runs greedy and at temperature 1.0 in the engine,
+and streamed and not through the HTTP API; the tiny model runs on one torch thread (two threads only add
+barrier waits at this size, and ~10x on a loaded machine)."""
 
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Literal
 
-import jsonschema_rs
 import openai
 import pytest
+import torch
+import xgrammar
 from fastapi.testclient import TestClient
 from pydantic import BaseModel, Field
 
+from model import grammar
 from model.engine import EngineConfig, LLMEngine
 from model.grammar import GrammarError, ResponseFormat
 from model.inference import load_for_serving
 from model.sampling import SamplingError, SamplingParams
 from model.tokenizer import render_chat
+from tests.schema_suite import PROMPTS, SCHEMAS
+from tests.schema_suite import invalid as _invalid
 from tests.test_app_support import USER_HI, app_checkpoint, make_client, settings_for  # noqa: F401 - fixtures
-
-OBJ = "object"
-SCHEMAS: list[dict[str, Any]] = [
-    {"type": OBJ, "properties": {"intent": {"enum": ["refund", "cancel", "track"]}}, "required": ["intent"]},
-    {"type": OBJ, "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]},
-    {"type": OBJ, "properties": {"n": {"type": "integer", "minimum": 1, "maximum": 9}}, "required": ["n"]},
-    {"type": OBJ, "properties": {"x": {"type": "number", "minimum": -5, "maximum": 5}}, "required": ["x"]},
-    {"type": OBJ, "properties": {"id": {"type": "string", "pattern": "^[A-Z]{2}-[0-9]{4}$"}}, "required": ["id"]},
-    {"type": OBJ, "properties": {"name": {"type": "string", "maxLength": 12}}, "required": ["name"]},
-    {"type": OBJ, "properties": {"tags": {"type": "array", "items": {"enum": ["a", "b", "c"]},
-                                          "minItems": 1, "maxItems": 3}}, "required": ["tags"]},
-    {"type": OBJ, "properties": {"xs": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 99},
-                                        "minItems": 2, "maxItems": 4}}, "required": ["xs"]},
-    {"type": OBJ, "properties": {"user": {"type": OBJ, "properties": {
-        "name": {"type": "string", "maxLength": 8}, "age": {"type": "integer", "minimum": 0, "maximum": 120}},
-        "required": ["name", "age"]}}, "required": ["user"]},
-    {"type": OBJ, "properties": {"v": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 9},
-                                                 {"type": "null"}]}}, "required": ["v"]},
-    {"type": OBJ, "properties": {"v": {"anyOf": [{"enum": ["yes", "no"]}, {"type": "boolean"}]}}, "required": ["v"]},
-    {"type": OBJ, "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 3},
-                                 "b": {"type": "string", "maxLength": 4}}, "required": ["a"]},  # b optional
-    {"type": OBJ, "properties": {"date": {"type": "string", "pattern": "^2026-[01][0-9]-[0-3][0-9]$"}},
-     "required": ["date"]},
-    {"type": OBJ, "properties": {"level": {"enum": [1, 2, 3]}, "flag": {"const": "on"}},
-     "required": ["level", "flag"]},
-    {"type": OBJ, "properties": {"items": {"type": "array", "minItems": 1, "maxItems": 2, "items": {
-        "type": OBJ, "properties": {"sku": {"type": "string", "pattern": "^[a-z]{3}$"},
-                                    "qty": {"type": "integer", "minimum": 1, "maximum": 5}},
-        "required": ["sku", "qty"]}}}, "required": ["items"]},
-    {"type": OBJ, "properties": {"p": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1}},
-     "required": ["p"]},
-    {"type": OBJ, "properties": {"code": {"type": "string", "pattern": "^(ok|err)[0-9]$"}}, "required": ["code"]},
-    {"type": OBJ, "properties": {"pair": {"type": "array", "prefixItems": [{"type": "boolean"}, {"enum": ["l", "r"]}],
-                                          "items": False, "minItems": 2}}, "required": ["pair"]},
-    {"type": OBJ, "properties": {"kind": {"enum": ["order", "ticket"]}, "ref": {"anyOf": [
-        {"type": "string", "pattern": "^O[0-9]{3}$"}, {"type": "integer", "minimum": 100, "maximum": 999}]}},
-     "required": ["kind", "ref"]},
-    {"type": OBJ, "properties": {"m": {"type": OBJ, "properties": {"k": {"type": OBJ, "properties": {
-        "z": {"type": "boolean"}}, "required": ["z"]}}, "required": ["k"]}}, "required": ["m"]},
-    {"type": OBJ, "properties": {"score": {"type": "integer", "minimum": -10, "maximum": 10},
-                                 "note": {"type": "string", "maxLength": 6}}, "required": ["score", "note"]},
-    {"type": OBJ, "properties": {"e": {"type": "array", "items": {"type": "boolean"}, "maxItems": 0}},
-     "required": ["e"]},
-    {"type": OBJ, "properties": {"lang": {"enum": ["en", "de", "fr", "zh"]},
-                                 "conf": {"type": "number", "minimum": 0, "maximum": 1}}, "required": ["lang", "conf"]},
-    {"type": OBJ, "properties": {"opt1": {"type": "boolean"}, "opt2": {"type": "integer", "minimum": 0,
-                                                                       "maximum": 1}}},  # nothing required
-    {"type": OBJ, "$defs": {"pt": {"type": OBJ, "properties": {"x": {"type": "integer", "minimum": 0, "maximum": 9}},
-                                   "required": ["x"]}},
-     "properties": {"a": {"$ref": "#/$defs/pt"}, "b": {"$ref": "#/$defs/pt"}}, "required": ["a", "b"]},
-    {"type": OBJ, "properties": {"s": {"type": "string", "pattern": "^[0-9]{2,3}$"}}, "required": ["s"]},
-]
-PROMPTS = ["Extract the fields as JSON:", "你好, order 42 is late."]
 
 
 @pytest.fixture(scope="module")
 def served(tiny_checkpoint: Path) -> Any:
     return load_for_serving(tiny_checkpoint)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(request: pytest.FixtureRequest) -> None:
+    """The tiny model on one torch thread (conftest restores the session's count for the next test)."""
+    if request.node.get_closest_marker("slow") is None:
+        torch.set_num_threads(1)
 
 
 def _engine(served: Any, quantize: str | None = None, max_num_seqs: int = 16) -> LLMEngine:
@@ -91,18 +56,6 @@ def _params(schema: dict[str, Any] | None, temperature: float, seed: int = 0, ma
     return SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed, response_format=fmt)
 
 
-def _invalid(text: str, schema: dict[str, Any] | None) -> str | None:
-    """None when text parses (and validates against schema), else why not."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        return f"does not parse ({e}): {text[:80]!r}"
-    if schema is None:
-        return None if isinstance(value, dict) else f"not an object: {text[:80]!r}"
-    errors = [str(e) for e in jsonschema_rs.validator_for(schema).iter_errors(value)]
-    return f"{errors[0]}: {text[:80]!r}" if errors else None
-
-
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_schema_suite_outputs_validate(served: Any, temperature: float) -> None:
     """len(SCHEMAS) x len(PROMPTS) requests, decoded together: each parses, validates and ends on a stop."""
@@ -114,6 +67,18 @@ def test_schema_suite_outputs_validate(served: Any, temperature: float) -> None:
     bad = [(i, why) for i, ((s, _), o) in enumerate(zip(cases, outs, strict=True))
            if (why := _invalid(o.text, s)) or o.finish_reason.value != "stop"]
     assert not bad, bad[:5]
+
+
+def test_suite_outputs_do_not_depend_on_batch_mates(served: Any) -> None:
+    """Constrained requests (every 8th schema of the suite, seeded T=1) and unconstrained ones decoded
+    together give each request the tokens it gets alone."""
+    prompt = served.tokenizer.encode(PROMPTS[0])
+    plain = [SamplingParams(max_tokens=24, temperature=1.0, seed=7), SamplingParams(max_tokens=16, temperature=0.0)]
+    params = [_params(s, 1.0, seed=i) for i, s in enumerate(SCHEMAS[::8])] + plain
+    together = _engine(served).generate([prompt] * len(params), params)
+    alone = [_engine(served, max_num_seqs=1).generate([prompt], [p])[0] for p in params]
+    assert [o.token_ids for o in together] == [o.token_ids for o in alone]
+    assert all(_invalid(o.text, s) is None for o, s in zip(together, SCHEMAS[::8], strict=False))
 
 
 def test_json_object_always_parses_greedy(served: Any) -> None:
@@ -194,6 +159,64 @@ def test_bad_schema_is_a_sampling_error_naming_response_format(served: Any, sche
     assert why in str(err.value) and not engine.has_unfinished()
 
 
+UNSUPPORTED_CASES = [  # (schema, what the message names): xgrammar would accept each and not enforce it
+    *[({"type": "object", "properties": {"a": {key: {} if key != "uniqueItems" else True}}}, key)
+      for key in grammar.UNSUPPORTED],
+    ({"type": "object", "properties": {"a": {"allOf": [{"type": "integer"}, {"maximum": 3}]}}}, "allOf"),
+    ({"type": "object", "properties": {"a": {"type": "number", "multipleOf": 0.5}}}, "multipleOf"),
+    ({"type": "object", "properties": {"a": {"type": "string", "format": "date", "maxLength": 3}}}, "format"),
+    ({"type": "object", "properties": {"a": {"type": "string", "format": "date", "pattern": "^2"}}}, "format"),
+]
+
+
+@pytest.mark.parametrize("schema, keyword", UNSUPPORTED_CASES)
+def test_unsupported_keywords_are_refused_by_name(client: TestClient, schema: Any, keyword: str) -> None:
+    with pytest.raises(GrammarError, match=f"json_schema.schema.properties.a: {keyword}"):
+        ResponseFormat.json_schema(schema)
+    r = client.post("/v1/chat/completions", headers={"Authorization": "Bearer sk-test"}, json={
+        "messages": USER_HI, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
+    assert keyword in r.json()["error"]["message"]
+
+
+def test_keyword_names_inside_properties_are_not_keywords() -> None:
+    schema = {"type": "object", "properties": {"not": {"type": "boolean"}, "contains": {"enum": [1]}}}
+    assert json.loads(ResponseFormat.json_schema(schema).schema_json)["properties"] == schema["properties"]
+
+
+def _random_walk(compiled: Any, rng: random.Random, vocab: list[bytes], steps: int = 120) -> bytes | None:
+    """One random path through a grammar over a one-byte-per-token vocabulary (id 256: stop)."""
+    constraint, mask = compiled.start(), xgrammar.allocate_token_bitmask(1, len(vocab))
+    out = []
+    for _ in range(steps):
+        constraint.fill_mask(mask, 0)
+        allowed = ((mask[0].unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1).bool().flatten()
+        ids = allowed[:len(vocab)].nonzero().flatten().tolist()
+        if 256 in ids and (len(ids) == 1 or rng.random() < 0.3):
+            return b"".join(out)
+        token = rng.choice([i for i in ids if i != 256])
+        constraint.advance(token)
+        out.append(vocab[token])
+    return None
+
+
+@pytest.mark.parametrize("schema", [
+    *[{"type": "string", "format": f} for f in grammar.FORMAT_PATTERNS],
+    {"type": "string", "pattern": "^a(x[0-9]{1,3})?b$"},  # xgrammar alone also accepts "a1b"
+    {"type": "string", "pattern": "^(-[0-9]+)?(\\.[a-z]{1,2})?$"},
+])
+def test_loose_formats_and_optional_groups_compile_exactly(schema: dict[str, Any]) -> None:
+    """Random paths through the compiled grammar (formats rewritten as exact patterns, `(...)?` as
+    `(...){0,1}`) always validate, formats checked (xgrammar's own let 2026-09-31, 12:00:60 through)."""
+    vocab = [bytes([b]) for b in range(256)] + [b""]
+    tok = SimpleNamespace(vocab_size=257, token_bytes=lambda i: vocab[i], stop_ids=frozenset([256]))
+    compiled = grammar.GrammarCompiler(tok).compile_json_schema(schema)  # type: ignore[arg-type]
+    rng = random.Random(0)
+    texts = [t for _ in range(60) if (t := _random_walk(compiled, rng, vocab)) is not None]
+    assert len(texts) >= 40
+    assert [(t, why) for t in texts if (why := _invalid(t.decode(), schema))] == []
+
+
 def test_ignore_eos_with_response_format_is_refused() -> None:
     with pytest.raises(SamplingError, match="ignore_eos"):
         SamplingParams(ignore_eos=True, response_format=ResponseFormat.json_object())
@@ -202,7 +225,8 @@ def test_ignore_eos_with_response_format_is_refused() -> None:
 # ------------------------------------------------------------------------------------------ HTTP
 @pytest.fixture(scope="module")
 def client(app_checkpoint: Path) -> Iterator[TestClient]:  # noqa: F811
-    with make_client(settings_for(app_checkpoint, api_keys=("sk-test",), max_tokens_limit=200)) as c:
+    with make_client(settings_for(app_checkpoint, api_keys=("sk-test",), max_tokens_limit=200, max_num_seqs=16,
+                                  max_queued_requests=64)) as c:
         yield c
 
 
@@ -229,17 +253,23 @@ def test_openai_parse_helper_returns_the_pydantic_model(oai: openai.OpenAI) -> N
         assert isinstance(parsed, Order) and completion.choices[0].finish_reason == "stop"
 
 
-@pytest.mark.parametrize("stream", [False, True])
-@pytest.mark.parametrize("i", [4, 8, 14, 18])
-def test_chat_response_format_streamed_and_not(oai: openai.OpenAI, stream: bool, i: int) -> None:
-    kwargs: dict[str, Any] = dict(model="tiny", messages=USER_HI, response_format=_schema_format(i),
-                                  temperature=1.0, seed=i, max_tokens=200)
+def _chat_text(oai: openai.OpenAI, i: int, stream: bool) -> str:
+    kwargs: dict[str, Any] = dict(model="tiny", messages=[{"role": "user", "content": PROMPTS[i % 2]}],
+                                  response_format=_schema_format(i), temperature=1.0, seed=i, max_tokens=200)
     if stream:
-        text = "".join(c.choices[0].delta.content or "" for c in oai.chat.completions.create(stream=True, **kwargs)
-                       if c.choices)
-    else:
-        text = oai.chat.completions.create(**kwargs).choices[0].message.content
-    assert _invalid(text, SCHEMAS[i]) is None
+        return "".join(c.choices[0].delta.content or ""
+                       for c in oai.chat.completions.create(stream=True, **kwargs) if c.choices)
+    return oai.chat.completions.create(**kwargs).choices[0].message.content or ""
+
+
+def test_chat_suite_streamed_and_not(oai: openai.OpenAI) -> None:
+    """Every schema of the suite through /v1/chat/completions at T=1, streamed and not, 16 at a time."""
+    jobs = [(i, stream) for i in range(len(SCHEMAS)) for stream in (False, True)]
+    with ThreadPoolExecutor(16) as pool:
+        texts = list(pool.map(lambda job: _chat_text(oai, *job), jobs))
+    bad = [(i, stream, why) for (i, stream), text in zip(jobs, texts, strict=True)
+           if (why := _invalid(text, SCHEMAS[i]))]
+    assert not bad, bad[:5]
 
 
 @pytest.mark.parametrize("stream", [False, True])
