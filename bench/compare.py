@@ -3,6 +3,7 @@
     python -m bench.compare --llama-server ~/.cache/llama-server/bin/llama-server        # starts both
     python -m bench.compare --llama-url http://127.0.0.1:8080 --quantize int8 --dtype bfloat16
     python -m bench.compare --no-llama --concurrency 1,16                                 # ours only
+    python -m bench.compare --from-json runs/compare.json      # the tables of a --json-out run, e.g. for docs
 
 Without --quantize / --dtype ours runs what `make serve` runs (SEEDLING_QUANTIZE=auto; /ready names
 the path). The run also prints the CPU and its SIMD flags, a STREAM-style copy bandwidth measured
@@ -174,7 +175,11 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--json-out", default=None)
+    ap.add_argument("--from-json", default=None, help="print the tables of an earlier --json-out run (no servers)")
     a = ap.parse_args()
+    if a.from_json:
+        report(json.loads(Path(a.from_json).read_text()))
+        return
     a.levels = [int(c) for c in a.concurrency.split(",")]
     results: dict[str, dict] = {"machine": machine_limits(a)}
     cpu = results["machine"]["cpu"]
@@ -217,7 +222,9 @@ def main() -> None:
 
 def report(results: dict[str, dict]) -> None:
     ours, theirs = results["ours"], results.get("llama")
-    print(f"\nours: {ours['serving_path'] or results['machine']['path']}")
+    cpu = results["machine"]["cpu"]
+    print(f"\nCPU: {cpu['model']} ({cpu['cpus']} CPUs; {' '.join(cpu['simd_flags'])}); "
+          f"ours: {ours['serving_path'] or results['machine']['path']}")
     print("\n| workload | C | ours tok/s | llama.cpp tok/s | ratio | ours TTFT p50/p99 ms | llama.cpp TTFT p50/p99 ms "
           "| ours ITL p50/p99 ms | llama.cpp ITL p50/p99 ms |")
     print("|---|---|---|---|---|---|---|---|---|")

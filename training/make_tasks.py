@@ -165,10 +165,9 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [h["command"]] if h.get("command") else []
     lines += [f"python -m training.evaluate --adapter {report['adapters_dir']}/{r['adapter']} "
               f"--{r['task']} <test file>   # the merged model through the engine" for r in report["rows"]]
-    lines += ["```", "", "Serving: adapters are peft directories under "
-              f"`{report['adapters_dir']}/`; `python -m training.merge_adapter --adapter "
-              f"{report['adapters_dir']}/<name> --out_dir runs/merged/<name>` then `SEEDLING_CHECKPOINT=runs/merged/<name> "
-              "make serve` serves one (per-request adapter serving is a separate change).", ""]
+    lines += ["```", "", f"Serving: `SEEDLING_ADAPTERS_DIR={report['adapters_dir']} make serve` serves every adapter "
+              "(and the head) next to the base model, chosen per request by `model` (`GET /v1/models` lists them); "
+              "an adapter written there later is picked up without a restart.", ""]
     for r in report["rows"]:
         lines += [f"- {r['adapter']} sample: `{json.dumps(s, ensure_ascii=False)}`" for s in r["samples"]]
     return "\n".join(lines) + "\n"
