@@ -11,6 +11,7 @@ Request models validate once at the edge and convert themselves to `SamplingPara
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from collections.abc import Sequence
@@ -19,7 +20,7 @@ from typing import Annotated, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
 
-from model import grammar
+from model import grammar, tool_calls
 from model.sampling import MAX_LOGIT_BIAS, MAX_STOP_CHARS, MAX_STOPS, SamplingParams
 
 from .errors import InvalidRequest
@@ -308,16 +309,51 @@ class TextPart(_Lenient):
     text: str
 
 
+class FunctionCallIn(_Lenient):
+    name: str
+    arguments: str = Field(..., description="JSON text, as a previous response returned it")
+
+
+class ToolCallIn(_Lenient):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class OpenAIMessage(_Lenient):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = Field(None, description="assistant: the calls it made")
+    tool_call_id: str | None = Field(None, description="tool: the call this message answers")
 
-    def plain(self) -> dict[str, str]:
+    def turn(self) -> tool_calls.ChatTurn:
+        """The message as model.tool_calls renders it (developer reads as system)."""
         role = "system" if self.role == "developer" else self.role
-        if isinstance(self.content, list):
-            return {"role": role, "content": "".join(part.text for part in self.content)}
-        return {"role": role, "content": self.content or ""}
+        content = "".join(p.text for p in self.content) if isinstance(self.content, list) else self.content or ""
+        calls = [tool_calls.CallIn(c.function.name, c.function.arguments) for c in self.tool_calls or []]
+        return tool_calls.ChatTurn(role, content, calls)
+
+
+class FunctionDef(_Lenient):
+    name: str
+    description: str | None = None
+    parameters: dict[str, JsonValue] | None = Field(None, description="JSON schema of the arguments")
+    strict: bool | None = None  # calls are always decoded against the schema
+
+
+class ToolDef(_Lenient):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(_Lenient):
+    name: str
+
+
+class NamedToolChoice(_Lenient):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class StreamOptions(_Lenient):
@@ -414,16 +450,50 @@ class ChatCompletionRequest(OpenAISampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[JsonValue] | None = Field(None, description="not supported: must be absent or empty")
+    tools: list[ToolDef] | None = Field(None, description="functions the model may call")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="default: auto with tools, none without")
+    parallel_tool_calls: bool | None = Field(None, description="more than one call per response (default true)")
 
-    def sampling_params(self, limits: Limits) -> SamplingParams:
-        if self.tools:
-            raise InvalidRequest("tools are not supported", param="tools", code="unsupported_value")
+    def tool_specs(self) -> list[tool_calls.ToolSpec]:
+        """The declared tools, checked (names, duplicates); a 400 naming the field at fault."""
+        try:
+            specs = [tool_calls.ToolSpec.build(t.function.name, t.function.description, t.function.parameters,
+                                               where=f"tools[{i}]") for i, t in enumerate(self.tools or [])]
+            tool_calls.check_unique(specs)
+            for i, spec in enumerate(specs):  # what the grammar cannot enforce is refused here, not mid-stream
+                grammar.compilable_schema(spec.parameters, f"tools[{i}].function.parameters", "tools")
+        except (tool_calls.ToolError, grammar.GrammarError) as e:
+            raise InvalidRequest(str(e), param=e.param, code="invalid_value") from None
+        return specs
+
+    def tool_format(self, specs: list[tool_calls.ToolSpec]) -> tool_calls.ToolCallFormat | None:
+        """How tool calls constrain decoding (model.tool_calls); None: plain text (no tools, or "none")."""
+        choice = self.tool_choice if self.tool_choice is not None else ("auto" if specs else "none")
+        if choice == "none":
+            return None
+        if not specs:
+            raise InvalidRequest("tool_choice needs tools", param="tool_choice", code="invalid_value")
+        if isinstance(choice, NamedToolChoice):
+            named = [t for t in specs if t.name == choice.function.name]
+            if not named:
+                raise InvalidRequest(f"tool_choice names {choice.function.name!r}, which is not in tools",
+                                     param="tool_choice", code="invalid_value")
+            return tool_calls.ToolCallFormat.build(named, required=True, parallel=False)
+        parallel = self.parallel_tool_calls is not False
+        return tool_calls.ToolCallFormat.build(specs, required=choice == "required", parallel=parallel)
+
+    def sampling_params(self, limits: Limits, tools: tool_calls.ToolCallFormat | None = None) -> SamplingParams:
+        """`tools`: this request's `tool_format`, decoded in place of a response_format."""
+        if tools is not None and self.response_format is not None and self.response_format.type != "text":
+            raise InvalidRequest("response_format cannot be combined with tools unless tool_choice is 'none'",
+                                 param="response_format", code="unsupported_value")
         if self.top_logprobs and not self.logprobs:
             raise InvalidRequest("top_logprobs requires logprobs=true", param="top_logprobs")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self.base_params(limits, max_tokens, logprobs)
+        params = self.base_params(limits, max_tokens, logprobs)
+        return dataclasses.replace(params, response_format=tools) if tools is not None else params
 
     @property
     def explicit_max_tokens(self) -> bool:
@@ -473,9 +543,26 @@ class ChoiceLogprobs(BaseModel):
     content: list[TokenLogprob] | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str = Field(..., description="JSON text of the arguments")
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatCompletionMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
+
+
 class ChatChoice(BaseModel):
     index: int
-    message: AssistantMessage
+    message: ChatCompletionMessage
     logprobs: ChoiceLogprobs | None = None
     finish_reason: str | None
 

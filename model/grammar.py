@@ -1,4 +1,5 @@
-"""Constrained decoding: a response format (JSON object / JSON schema) -> a token mask per step.
+"""Constrained decoding: a response format (JSON object / JSON schema) or a tool-call format -> a token
+mask per step.
 
     compiler = GrammarCompiler(tokenizer)                      # one per engine (owns the LRU of grammars)
     fmt = ResponseFormat.json_schema({"type": "object", ...})  # raises GrammarError for a bad schema
@@ -10,7 +11,8 @@ than llguidance's on our tokenizer, and the mask sits on every constrained decod
 raw bytes of every token, so our SentencePiece and byte-level BPE tokenizers look alike to it. Compiled
 grammars are cached per format in an LRU owned by the compiler (no global state). Masks are packed
 int32 bitmasks; `apply_bitmask` turns them into -inf on the logits with plain torch ops, after the
-forward, so the q4 CPU path and the torch path share it.
+forward, so the q4 CPU path and the torch path share it. Tool calls (model.tool_calls) compile to an
+xgrammar structural tag: fixed call text around one-line JSON arguments, free text around it for "auto".
 
 Schemas are checked before compiling (`_check_supported`): keywords xgrammar would silently ignore
 (measured: outputs violating them) are refused by name, and the string formats it enforces loosely
@@ -28,9 +30,11 @@ from typing import Any
 
 import torch
 import xgrammar as xgr
+from xgrammar import structural_tag as st
 
 from model.sampling import SamplingError
 from model.tokenizer import Tokenizer
+from model.tool_calls import SEPARATOR, TRIGGER, ToolCallFormat
 
 PARAM = "response_format"  # the request field errors name unless a format says otherwise
 MAX_SCHEMA_CHARS = 100_000  # a schema is compiled on the engine thread: bound its size
@@ -170,24 +174,53 @@ def optional_groups(pattern: str) -> str:
     return "".join(out)
 
 
+# UTF-8 lead bytes whose second byte has a narrower range than 80-BF: xgrammar 0.2.9 accepts what lies
+# outside it (ED A0-BF encodes a surrogate, E0 80-9F an overlong form), which Python's strict decoder, and
+# so our detokenizer, turns into U+FFFD per byte: a string with maxLength then comes out too long
+_SECOND_BYTE = {0xE0: (0xA0, 0xBF), 0xED: (0x80, 0x9F), 0xF0: (0x90, 0xBF), 0xF4: (0x80, 0x8F)}
+
+
+@dataclass(frozen=True)
+class Utf8Guard:
+    """Keeps constrained output valid UTF-8 where xgrammar does not (see _SECOND_BYTE)."""
+
+    never: torch.Tensor  # bitmask (W,): tokens without a bad lead/second byte pair inside them
+    after: dict[int, torch.Tensor]  # lead byte -> bitmask of the tokens that may follow a token ending in it
+    ends_with: dict[int, int]  # token id -> the lead byte it ends with (only the leads above)
+
+    @classmethod
+    def of(cls, vocab: list[bytes]) -> Utf8Guard:
+        def bad_inside(token: bytes) -> bool:
+            return any(lead in _SECOND_BYTE and not _SECOND_BYTE[lead][0] <= nxt <= _SECOND_BYTE[lead][1]
+                       for lead, nxt in zip(token, token[1:], strict=False))
+        after = {lead: _bitmask_of([bool(t) and lo <= t[0] <= hi for t in vocab])
+                 for lead, (lo, hi) in _SECOND_BYTE.items()}
+        ends = {i: t[-1] for i, t in enumerate(vocab) if t and t[-1] in _SECOND_BYTE}
+        return cls(_bitmask_of([not bad_inside(t) for t in vocab]), after, ends)
+
+
 class Constraint:
     """One sequence's grammar state: which tokens may come next, advanced by every sampled token.
     Stop tokens are allowed exactly when the grammar accepts what was generated so far."""
 
-    def __init__(self, matcher: xgr.GrammarMatcher, allowed: torch.Tensor | None, vocab_size: int) -> None:
+    def __init__(self, matcher: xgr.GrammarMatcher, allowed: torch.Tensor, utf8: Utf8Guard, vocab_size: int) -> None:
         self.matcher = matcher
-        self.allowed = allowed  # tokens ever allowed (a bitmask ANDed into every mask), None = all
+        self.allowed = allowed  # tokens ever allowed (a bitmask ANDed into every mask)
+        self.utf8 = utf8
         self.vocab_size = vocab_size
+        self._lead: int | None = None  # the last token ended with this UTF-8 lead byte (see _SECOND_BYTE)
 
     def fill_mask(self, bitmask: torch.Tensor, row: int) -> None:
         """Write the allowed-token bitmask into `bitmask[row]` (int32, CPU, from `allocate_bitmask`)."""
         self.matcher.fill_next_token_bitmask(bitmask, row)
-        if self.allowed is not None:
-            bitmask[row] &= self.allowed
+        bitmask[row] &= self.allowed
+        if self._lead is not None:
+            bitmask[row] &= self.utf8.after[self._lead]
 
     def advance(self, token: int) -> None:
         if not self.matcher.accept_token(token):
             raise RuntimeError(f"grammar rejected token {token}")  # the mask allowed it: a bug, not input
+        self._lead = self.utf8.ends_with.get(token)
 
     @property
     def accepting(self) -> bool:
@@ -197,19 +230,21 @@ class Constraint:
 @dataclass(frozen=True)
 class CompiledGrammar:
     compiled: xgr.CompiledGrammar
-    # bitmask (W,) of the tokens a sequence may ever use, None = all. JSON formats: no token with a raw
-    # control byte (xgrammar's strings with minLength/maxLength admit U+0000-U+001F unescaped, which JSON
-    # forbids; our one-line JSON never needs one).
-    allowed: torch.Tensor | None
+    # bitmask (W,) of the tokens a sequence may ever use: for JSON formats no token with a raw control
+    # byte (xgrammar's strings with minLength/maxLength admit U+0000-U+001F unescaped, which JSON forbids;
+    # our one-line JSON never needs one), for tool calls all ("\n" is part of the call syntax:
+    # model.tool_calls escapes control characters inside argument strings instead); and the Utf8Guard's
+    allowed: torch.Tensor
+    utf8: Utf8Guard
     vocab_size: int
 
     def start(self, stop_ids: Sequence[int] | None = None) -> Constraint:
         """A fresh matcher; `stop_ids` (a request's own stop tokens) replace the tokenizer's."""
         return Constraint(xgr.GrammarMatcher(self.compiled, override_stop_tokens=sorted(stop_ids)
-                                             if stop_ids else None), self.allowed, self.vocab_size)
+                                             if stop_ids else None), self.allowed, self.utf8, self.vocab_size)
 
 
-OutputFormat = ResponseFormat
+OutputFormat = ResponseFormat | ToolCallFormat
 
 
 class GrammarCompiler:
@@ -222,7 +257,8 @@ class GrammarCompiler:
         vocab = [tok.token_bytes(i) for i in range(tok.vocab_size)]
         info = xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, vocab_size=tok.vocab_size,
                                  stop_token_ids=sorted(tok.stop_ids))
-        self._no_controls = _bitmask_of([not any(b < 0x20 for b in token) for token in vocab])
+        self._utf8 = Utf8Guard.of(vocab)
+        self._no_controls = _bitmask_of([not any(b < 0x20 for b in token) for token in vocab]) & self._utf8.never
         # xgrammar's own cache is off: ours is an LRU bounded in entries, keyed by the canonical format
         self._compiler = xgr.GrammarCompiler(info, max_threads=threads, cache_enabled=False)
         self.cache_size = cache_size
@@ -243,12 +279,37 @@ class GrammarCompiler:
         return self.compile(ResponseFormat.json_schema(schema))
 
     def _compile(self, fmt: OutputFormat) -> CompiledGrammar:
+        if isinstance(fmt, ToolCallFormat):
+            return CompiledGrammar(self._compile_tools(fmt), self._utf8.never, self._utf8, self.vocab_size)
         try:  # one line, ", " and ": " (what json.dumps writes), no free whitespace: a small model left
             # free to pad with spaces can do so until max_tokens
             compiled = self._compiler.compile_json_schema(fmt.schema_json, any_whitespace=False, strict_mode=True)
         except (RuntimeError, ValueError, TypeError) as e:
             raise GrammarError(f"{fmt.param}: unsupported or invalid JSON schema: {_first_line(e)}", fmt.param) from None
-        return CompiledGrammar(compiled, self._no_controls, self.vocab_size)
+        return CompiledGrammar(compiled, self._no_controls, self._utf8, self.vocab_size)
+
+    def _compile_tools(self, fmt: ToolCallFormat) -> xgr.CompiledGrammar:
+        """Each tool: its call text around its arguments' JSON grammar (the same one-line JSON as
+        response_format); "auto": free text with calls, "required": calls only, one per line."""
+        tags = []
+        for i, tool in enumerate(fmt.tools):
+            where = f"tools[{i}].function.parameters"
+            schema = compilable_schema(tool.parameters, where, "tools")
+            try:
+                ebnf = str(xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False, strict_mode=True))
+            except (RuntimeError, ValueError, TypeError) as e:
+                raise GrammarError(f"{where}: unsupported or invalid JSON schema: {_first_line(e)}", "tools") from None
+            tags.append(st.TagFormat(begin=fmt.call_prefix(tool.name), content=st.GrammarFormat(grammar=ebnf),
+                                     end=fmt.call_suffix))
+        if fmt.required:
+            body: st.Format = st.TagsWithSeparatorFormat(tags=tags, separator=SEPARATOR, at_least_one=True,
+                                                         stop_after_first=not fmt.parallel)
+        else:
+            body = st.TriggeredTagsFormat(triggers=[TRIGGER], tags=tags, stop_after_first=not fmt.parallel)
+        try:
+            return self._compiler.compile_structural_tag(st.StructuralTag(format=body))
+        except (RuntimeError, ValueError, TypeError) as e:
+            raise GrammarError(f"tools: cannot build the tool-call grammar: {_first_line(e)}", "tools") from None
 
     def allocate_bitmask(self, rows: int) -> torch.Tensor:
         return xgr.allocate_token_bitmask(rows, self.vocab_size)

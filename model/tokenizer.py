@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
-CHAT_ROLES = ("system", "user", "assistant")
+CHAT_ROLES = ("system", "user", "assistant", "tool")  # tool: a tool's result (model.tool_calls)
 TOKENIZER_CONFIG = "tokenizer_config.json"
 SP_MODEL_FILE = "tokenizer.model"
 HF_TOKENIZER_FILE = "tokenizer.json"

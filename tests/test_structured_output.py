@@ -204,10 +204,13 @@ def _random_walk(compiled: Any, rng: random.Random, vocab: list[bytes], steps: i
     *[{"type": "string", "format": f} for f in grammar.FORMAT_PATTERNS],
     {"type": "string", "pattern": "^a(x[0-9]{1,3})?b$"},  # xgrammar alone also accepts "a1b"
     {"type": "string", "pattern": "^(-[0-9]+)?(\\.[a-z]{1,2})?$"},
+    {"type": "string", "maxLength": 4},  # xgrammar alone lets ED A0-BF (a surrogate) through: not UTF-8
+    {"type": "string", "pattern": "^[^a]{1,3}$"},  # ... and E0 80-9F (overlong) in negated classes
 ])
 def test_loose_formats_and_optional_groups_compile_exactly(schema: dict[str, Any]) -> None:
     """Random paths through the compiled grammar (formats rewritten as exact patterns, `(...)?` as
-    `(...){0,1}`) always validate, formats checked (xgrammar's own let 2026-09-31, 12:00:60 through)."""
+    `(...){0,1}`, the UTF-8 guard) always validate, formats checked (xgrammar's own let 2026-09-31,
+    12:00:60 through) and strictly decoded (a U+FFFD per stray byte would break maxLength)."""
     vocab = [bytes([b]) for b in range(256)] + [b""]
     tok = SimpleNamespace(vocab_size=257, token_bytes=lambda i: vocab[i], stop_ids=frozenset([256]))
     compiled = grammar.GrammarCompiler(tok).compile_json_schema(schema)  # type: ignore[arg-type]

@@ -163,7 +163,7 @@ def test_render_chat_generation_prompt_and_system(tmp_path: Path) -> None:
     ([], "non-empty list"),
     ("hello", "non-empty list"),
     ([{"role": "user"}], "'role' and 'content'"),
-    ([{"role": "tool", "content": "x"}], "role must be one of"),
+    ([{"role": "robot", "content": "x"}], "role must be one of"),
     ([{"role": "user", "content": 3}], "content must be a string"),
 ])
 def test_render_chat_validates(tiny_sp_tokenizer: Any, messages: Any, match: str) -> None:

@@ -16,13 +16,13 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from pydantic import JsonValue
 
+from model import tool_calls
 from model.engine import RequestOutput
 from model.engine import TokenLogprob as EngineLogprob
 from model.sampling import SamplingParams
 
 from ..errors import InvalidRequest
 from ..protocol import (
-    AssistantMessage,
     ChatChoice,
     ChatCompletion,
     ChatCompletionRequest,
@@ -39,6 +39,7 @@ from ..protocol import (
     check_batch,
 )
 from ..service import Service, finish_reason
+from . import tool_output
 from .common import (
     ERROR_RESPONSES,
     SSE_RESPONSE,
@@ -103,43 +104,68 @@ async def models(svc: Service = Depends(get_service)) -> ModelList:
     return ModelList(data=[base, *adapters])
 
 
+def _chat_messages(svc: Service, body: ChatCompletionRequest, specs: list[tool_calls.ToolSpec]
+                   ) -> list[dict[str, str]]:
+    """The conversation as ChatML messages (model.tool_calls: calls and tool results written out; the
+    block of `specs` in the system message: the tools the model may call)."""
+    system = svc.settings.default_system_prompt or svc.tokenizer.default_system_prompt
+    return tool_calls.render_messages([m.turn() for m in body.messages], specs, system)
+
+
 @router.post("/v1/chat/completions", response_model=ChatCompletion, responses={**ERROR_RESPONSES, **SSE_RESPONSE})
 async def chat_completions(body: ChatCompletionRequest, request: Request,
                            svc: Service = Depends(get_service)) -> ChatCompletion | StreamingResponse:
+    """Chat; with `tools`, calls come back as `message.tool_calls` (docs/structured-output.md: the format,
+    and how "auto", "required" and a named tool_choice constrain decoding)."""
     adapter = svc.adapter_for(body.model)
     served = adapter or svc.model_name
-    [(ids, params)] = await prompt_items(svc, [[m.plain() for m in body.messages]], body.sampling_params(svc.limits),
-                                       body.explicit_max_tokens)
+    specs = body.tool_specs()
+    tools = body.tool_format(specs)  # None: plain text ("none", or no tools)
+    messages = _chat_messages(svc, body, specs if tools is not None else [])
+    [(ids, params)] = await prompt_items(svc, [messages], body.sampling_params(svc.limits, tools),
+                                         body.explicit_max_tokens)
     rid = "chatcmpl-" + request_id(request)
     if body.stream:
-        created = int(time.time())
-        base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": served}
-        usage_field = {"usage": None} if body.include_usage else {}
-
-        def chunk(delta: dict[str, str], finish: str | None = None, logprobs: JsonValue = None) -> str:
-            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-            return sse({**base, "choices": [choice], **usage_field})
-
-        async def events() -> AsyncIterator[str]:
-            yield chunk({"role": "assistant", "content": ""})
-            deadline = svc.deadline(asyncio.get_running_loop().time())
-            async for out in svc.stream(rid, ids, params, "chat_completions", deadline, adapter):
-                lp = _chat_logprobs(svc, out.logprobs).model_dump() if out.logprobs else None
-                if out.text_delta or lp:
-                    yield chunk({"content": out.text_delta}, logprobs=lp)
-                if out.finished:
-                    yield chunk({}, finish=finish_reason(out.finish_reason))
-                    if body.include_usage:
-                        usage = Usage.of(out.prompt_tokens, out.completion_tokens).model_dump()
-                        yield sse({**base, "choices": [], "usage": usage})
-
-        return event_stream(svc, events)
+        return _chat_stream(svc, body, rid, served, ids, params, adapter, tools is not None)
     [g] = await svc.complete_many(request, rid, [(ids, params)], "chat_completions", adapter)
     logprobs = _chat_logprobs(svc, g.logprobs) if params.logprobs is not None else None
-    choice = ChatChoice(index=0, message=AssistantMessage(content=g.text), logprobs=logprobs,
-                        finish_reason=g.finish_reason)
+    message, finish = tool_output.message(g.text, g.finish_reason, tools is not None)
+    choice = ChatChoice(index=0, message=message, logprobs=logprobs, finish_reason=finish)
     return ChatCompletion(id=rid, model=served, choices=[choice],
                           usage=Usage.of(g.prompt_tokens, g.completion_tokens))
+
+
+def _chat_stream(svc: Service, body: ChatCompletionRequest, rid: str, served: str, ids: list[int],
+                 params: SamplingParams, adapter: str | None, tools: bool) -> StreamingResponse:
+    created = int(time.time())
+    base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": served}
+    usage_field = {"usage": None} if body.include_usage else {}
+    calls = tool_output.StreamedCalls() if tools else None
+
+    def chunk(delta: dict[str, JsonValue], finish: str | None = None, logprobs: JsonValue = None) -> str:
+        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        return sse({**base, "choices": [choice], **usage_field})
+
+    async def events() -> AsyncIterator[str]:
+        yield chunk({"role": "assistant", "content": ""})
+        deadline = svc.deadline(asyncio.get_running_loop().time())
+        async for out in svc.stream(rid, ids, params, "chat_completions", deadline, adapter):
+            lp = _chat_logprobs(svc, out.logprobs).model_dump() if out.logprobs else None
+            deltas: list[dict[str, JsonValue]]
+            if calls is None:
+                deltas = [{"content": out.text_delta}] if out.text_delta else []
+            else:
+                deltas = calls.feed(out.text_delta) + (calls.finish() if out.finished else [])
+            for i, delta in enumerate(deltas or ([{}] if lp else [])):
+                yield chunk(delta, logprobs=lp if i == 0 else None)
+            if out.finished:
+                reason = finish_reason(out.finish_reason)
+                yield chunk({}, finish=tool_output.finish_reason(reason, calls is not None and calls.made_calls))
+                if body.include_usage:
+                    usage = Usage.of(out.prompt_tokens, out.completion_tokens).model_dump()
+                    yield sse({**base, "choices": [], "usage": usage})
+
+    return event_stream(svc, events)
 
 
 @router.post("/v1/completions", response_model=Completion, responses={**ERROR_RESPONSES, **SSE_RESPONSE})
