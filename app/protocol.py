@@ -181,6 +181,19 @@ class SummarizeRequest(SamplingFields):
     max_words: int | None = Field(None, ge=1, le=10_000, description="ask for a summary of at most N words")
 
 
+class ExtractRequest(SamplingFields):
+    text: TextOrTexts
+    schema_: dict[str, JsonValue] = Field(..., alias="schema", description="JSON schema every result validates against")
+
+    def sampling_params(self, limits: Limits) -> SamplingParams:
+        """Decoded under the schema's grammar; a 400 naming `schema` (and where in it) when it is not one."""
+        try:
+            fmt = grammar.ResponseFormat.json_schema(self.schema_, param="schema", where="schema")
+        except grammar.GrammarError as e:
+            raise InvalidRequest(str(e), param="schema", code="invalid_value") from None
+        return dataclasses.replace(super().sampling_params(limits), response_format=fmt)
+
+
 class TranslateRequest(SamplingFields):
     text: TextOrTexts
     target_lang: NonEmptyStr = Field(..., description="code (de, fr, zh, ...) or language name")
@@ -250,6 +263,26 @@ class TextBatchResponse(BaseModel):
     id: str
     model: str
     results: list[TextItem]
+    usage: Usage
+
+
+class ExtractItem(BaseModel):
+    """One text's object."""
+
+    data: JsonValue = Field(..., description="the object, valid for the schema; null when max_tokens cut it short")
+    finish_reason: str | None
+    usage: Usage
+
+
+class ExtractResponse(ExtractItem):
+    id: str
+    model: str
+
+
+class ExtractBatchResponse(BaseModel):
+    id: str
+    model: str
+    results: list[ExtractItem]
     usage: Usage
 
 

@@ -4,6 +4,7 @@ Fine-tuning (`training.finetune`), evaluation (`training.evaluate`) and the serv
 these functions, so the three never drift apart (tests/test_tasks.py checks the token ids):
 
     ids = render_prompt(tokenizer, summarize_messages(text))           # prompt ids, assistant header last
+    ids = render_prompt(tokenizer, extract_messages(text, schema))     # /extract (decoded under the schema)
     spec = ClassifySpec.build(["lost_or_stolen_card", "card_arrival"])  # canonical label order
     prompt = render_prompt(tokenizer, spec.messages("I lost my card"))
     loglik = engine.score(prompt, label_continuations(tokenizer, spec))
@@ -19,6 +20,7 @@ zero-shot and a fine-tuned model learns them quickly.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -36,6 +38,7 @@ SUMMARIZE = "summarize"
 TRANSLATE = "translate"
 CLASSIFY = "classify"
 TASKS: tuple[str, ...] = (CHAT, SUMMARIZE, TRANSLATE, CLASSIFY)
+EXTRACT = "extract"  # served only (decoded under the schema's grammar); no fine-tuning data yet, so not in TASKS
 
 # language codes the prompts spell out in words; any other value is used as given
 LANGUAGE_NAMES: dict[str, str] = {
@@ -141,6 +144,19 @@ def translate_messages(text: str, target_lang: str, source_lang: str | None = No
     return [{"role": "user",
              "content": f"Translate the following text{source} to {target}. "
                         f"Reply with the translation only.\n\n{text}"}]
+
+
+def extract_messages(text: str, schema: Mapping[str, object]) -> list[Message]:
+    """Prompt asking for the facts in `text` as JSON valid for `schema` (a JSON schema object, shown
+    compact). The expected assistant answer is the JSON only; the server decodes it under the schema's
+    grammar, so it always parses."""
+    text = _require_text(text)
+    if not isinstance(schema, Mapping):
+        raise TaskError("schema must be a JSON object", "schema")
+    shown = json.dumps(schema, ensure_ascii=False, separators=(",", ":"))
+    return [{"role": "user",
+             "content": f"Extract the information from the text below as JSON matching this JSON schema:\n{shown}\n"
+                        f"Reply with the JSON only.\n\nText: {text}"}]
 
 
 # ---------------------------------------------------------------------------- classify

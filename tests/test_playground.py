@@ -11,6 +11,7 @@ lands in test-artifacts/playground.png. The browser test skips (with the reason)
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -127,6 +128,17 @@ def test_chat_streams_in_headless_chromium(server: str) -> None:
             page.wait_for_function("document.getElementById('classify-stats').textContent.includes('ms')",
                                    timeout=30_000)
             classify = page.inner_text("#classify-out")
+
+            # the extract form: an object valid for the schema (the grammar holds even random weights to it)
+            # (a small schema: the tiny model's context is 256 tokens of a 400-token vocabulary)
+            page.fill("#extract-text", "Order 42 broke.")
+            page.fill("#extract-schema", '{"type": "object", "properties": {"ok": {"type": "boolean"}, '
+                                         '"n": {"enum": [1, 2]}}, "required": ["ok", "n"]}')
+            page.click("#extract-form button[type=submit]")
+            page.wait_for_function("document.getElementById('extract-stats').textContent.includes('ms')"
+                                   " || document.getElementById('extract-out').className.includes('error')",
+                                   timeout=30_000)
+            extracted = page.inner_text("#extract-out")
             page.screenshot(path=str(ARTIFACTS / "playground.png"), full_page=True)
         finally:
             browser.close()
@@ -137,4 +149,7 @@ def test_chat_streams_in_headless_chromium(server: str) -> None:
     assert len(seen) >= 2 and all(final.startswith(s) for s in seen), seen
     assert "first token" in stats and "+ 24 completion" in stats, stats
     assert "label:" in classify and "positive" in classify and "negative" in classify, classify
+    assert "error" not in extracted, extracted
+    data = json.loads(extracted)
+    assert isinstance(data["ok"], bool) and data["n"] in (1, 2), extracted
     assert (ARTIFACTS / "playground.png").stat().st_size > 10_000

@@ -1,4 +1,4 @@
-"""Task endpoints: /chat, /summarize, /translate, /classify — single input or a list.
+"""Task endpoints: /chat, /summarize, /translate, /classify, /extract — single input or a list.
 
 Prompts come from `model.tasks` (shared with fine-tuning); sampling is greedy unless overridden.
 A list input is generated in the same engine batches; the response then has `results` and a
@@ -8,10 +8,12 @@ summed `usage`. /chat with `stream: true` (one conversation) sends SSE deltas
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
+from pydantic import JsonValue
 
 from model import tasks
 
@@ -26,6 +28,10 @@ from ..protocol import (
     ClassifyItem,
     ClassifyRequest,
     ClassifyResponse,
+    ExtractBatchResponse,
+    ExtractItem,
+    ExtractRequest,
+    ExtractResponse,
     LabelScore,
     SummarizeRequest,
     TextBatchResponse,
@@ -46,7 +52,7 @@ def _usage(g: Generated) -> Usage:
     return Usage.of(g.prompt_tokens, g.completion_tokens)
 
 
-def _total(items: list[ChatItem] | list[TextItem] | list[ClassifyItem]) -> Usage:
+def _total(items: list[ChatItem] | list[TextItem] | list[ClassifyItem] | list[ExtractItem]) -> Usage:
     total = Usage()
     for item in items:
         total = total.add(item.usage)
@@ -126,6 +132,37 @@ async def translate(body: TranslateRequest, request: Request, svc: Service = Dep
     check_batch(texts, svc.limits, "text")
     messages = _task_messages(tasks.translate_messages, texts, body.target_lang, body.source_lang)
     return await _text_task(request, svc, body, texts, is_batch, messages, "translate")
+
+
+@router.post("/extract", response_model=ExtractResponse | ExtractBatchResponse, responses=ERROR_RESPONSES)
+async def extract(body: ExtractRequest, request: Request, svc: Service = Depends(get_service)
+                  ) -> ExtractResponse | ExtractBatchResponse:
+    """Text(s) + a JSON schema -> one object per text, decoded under the schema's grammar (model.grammar),
+    so `data` always validates; null only when `max_tokens` cut the object short (`finish_reason`
+    "length"). The prompt is `model.tasks.extract_messages`."""
+    texts, is_batch = as_list(body.text)
+    check_batch(texts, svc.limits, "text")
+    params = body.sampling_params(svc.limits)  # a bad schema is refused before anything is rendered
+    messages = _task_messages(tasks.extract_messages, texts, body.schema_)
+    adapter = svc.adapter_for(body.model)
+    items = await prompt_items(svc, messages, params, body.explicit_max_tokens, param="text")
+    rid = request_id(request)
+    results = await svc.complete_many(request, rid, items, "extract", adapter)
+    extracted = [ExtractItem(data=_json_or_none(g.text), finish_reason=g.finish_reason, usage=_usage(g))
+                 for g in results]
+    if is_batch:
+        return ExtractBatchResponse(id=rid, model=adapter or svc.model_name, results=extracted,
+                                    usage=_total(extracted))
+    return ExtractResponse(id=rid, model=adapter or svc.model_name, **extracted[0].model_dump())
+
+
+def _json_or_none(text: str) -> JsonValue:
+    """The grammar guarantees whole JSON when generation ended on a stop token; max_tokens or a
+    caller's stop string can end it early."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
 
 
 @router.post("/classify", response_model=ClassifyResponse | ClassifyBatchResponse, responses=ERROR_RESPONSES)

@@ -1,6 +1,6 @@
 // Seedling playground logic: plain browser JavaScript, no build step, no dependencies.
 // Chat streams from POST /v1/chat/completions (stream: true, include_usage) and reads the SSE body
-// with fetch + ReadableStream; the task forms POST to /summarize, /translate and /classify.
+// with fetch + ReadableStream; the task forms POST to /summarize, /translate, /classify and /extract.
 // The API key is kept in this page's memory only (never in localStorage or cookies).
 "use strict";
 
@@ -176,7 +176,8 @@ function wireTask(formId, outId, statsId, path, buildBody, render) {
     $(statsId).textContent = "";
     button.disabled = true;
     try {
-      const { data, ms } = await postJSON(path, buildBody());
+      const body = buildBody(); // may throw (e.g. a schema that is not JSON): shown like a server error
+      const { data, ms } = await postJSON(path, body);
       render(out, data);
       showStats(statsId, ms, data.usage, data.finish_reason ? `finish: ${data.finish_reason}` : "");
     } catch (err) {
@@ -234,6 +235,18 @@ wireTask("classify-form", "classify-out", "classify-stats", "/classify",
     return { text: $("classify-text").value, labels: labels.length ? labels : undefined };
   },
   renderScores);
+
+wireTask("extract-form", "extract-out", "extract-stats", "/extract",
+  () => {
+    let schema;
+    try {
+      schema = JSON.parse($("extract-schema").value);
+    } catch (err) {
+      throw new Error(`the schema is not JSON: ${err.message}`);
+    }
+    return { text: $("extract-text").value, schema };
+  },
+  (out, data) => { out.textContent = data.data === null ? "(cut short by max_tokens)" : JSON.stringify(data.data, null, 2); });
 
 // ---------------------------------------------------------------- wiring
 $("chat-form").addEventListener("submit", sendChat);
