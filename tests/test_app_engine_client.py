@@ -7,6 +7,7 @@ the engine is slowed down (or broken) through `create_app(loader=...)`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -211,14 +212,18 @@ def test_scoring_runs_between_decode_steps_not_before_them() -> None:
     prompt, conts = [(7 * i) % 50 + 1 for i in range(230)], [[i % 50 + 1, 3] for i in range(80)]
 
     async def run() -> list[float]:
-        async def decode() -> None:
-            async for _ in client.generate("victim", [1, 2, 3], SamplingParams(max_tokens=8, temperature=0,
+        decoding = asyncio.Event()
+
+        async def decode() -> None:  # long enough to outlast the scoring; cancelled after it
+            async for _ in client.generate("victim", [1, 2, 3], SamplingParams(max_tokens=400, temperature=0,
                                                                                ignore_eos=True)):
-                pass
+                decoding.set()
         victim = asyncio.create_task(decode())
-        await asyncio.sleep(0.05)
+        await decoding.wait()
         scores = await client.score(prompt, conts)
-        await victim
+        victim.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await victim
         return scores
 
     try:
@@ -241,7 +246,8 @@ def test_cancelled_scoring_stops_before_its_next_piece() -> None:
 
     async def run() -> None:
         job = asyncio.create_task(client.score(prompt, conts))
-        await asyncio.sleep(0.12)
+        while "piece" not in events:  # started: cancel mid-way
+            await asyncio.sleep(0.01)
         job.cancel()
         with pytest.raises(asyncio.CancelledError):
             await job
