@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from model.features import load_feature_model
+from model.features import load_feature_model, precision_unavailable
 from model.head import HEAD_META, HeadError, LoadedHead, classify_ids, load_head
 
 from .engine_client import EngineClient
@@ -85,8 +85,13 @@ class HeadRegistry:
                      f"({str(self.base.get('weights_sha256'))[:12]}); retrain it with --base")
             log.error("%s", error)
             return _Entry(mtime, None, error)
-        log.info("head %s loaded: %d labels, layer %d, %s", name, len(loaded.info.labels), loaded.info.layer,
-                 loaded.info.pooling)
+        unavailable = precision_unavailable(loaded.info.precision)
+        if unavailable:
+            error = f"head {name} cannot be served here: {unavailable}; retrain it with --precision bf16"
+            log.error("%s", error)
+            return _Entry(mtime, None, error)
+        log.info("head %s loaded: %d labels, layer %d, %s, %s features", name, len(loaded.info.labels),
+                 loaded.info.layer, loaded.info.pooling, loaded.info.precision)
         return _Entry(mtime, loaded, None)
 
     def match(self, labels: list[str] | None, model: str | None) -> tuple[str, LoadedHead] | None:
@@ -121,12 +126,14 @@ class _Pending:
 @dataclass
 class HeadBatcher:
     """Texts of concurrent requests for one head go to the engine thread together: while one engine
-    call runs, newly arrived texts wait and then share the next call (no timer, so a lone request
+    call runs, newly arrived texts wait and then share the next call. Before taking a batch of fewer
+    than `max_texts` texts the batcher waits `window_s` for more (0: never waits, so a lone request
     never waits). At most `max_texts` texts per call."""
 
     client: EngineClient
     run: Callable[[list[list[int]]], list[list[float]]]  # runs on the engine thread
     max_texts: int = 64
+    window_s: float = 0.0
     _pending: list[_Pending] = field(default_factory=list, init=False)
     _draining: bool = field(default=False, init=False)
 
@@ -151,38 +158,43 @@ class HeadBatcher:
     async def _drain(self) -> None:
         try:
             while self._pending:
+                if self.window_s > 0 and sum(len(p.texts) for p in self._pending) < self.max_texts:
+                    await asyncio.sleep(self.window_s)  # let the requests already on their way join
                 batch = self._take()
-                if not batch:
-                    continue
-                texts = [t for item in batch for t in item.texts]
-                try:
-                    probs = await self.client.call(self.run, texts)
-                except Exception as exc:  # noqa: BLE001 - every waiting request gets the error
-                    for item in batch:
-                        if not item.future.done():
-                            item.future.set_exception(exc)
-                    continue
-                start = 0
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_result(probs[start:start + len(item.texts)])
-                    start += len(item.texts)
+                if batch:
+                    await self._call(batch)
         finally:
             self._draining = False
+
+    async def _call(self, batch: list[_Pending]) -> None:
+        """One engine call for the batch's texts; each request gets its rows, or the call's error."""
+        texts = [t for item in batch for t in item.texts]
+        try:
+            probs = await self.client.call(self.run, texts)
+        except Exception as exc:  # noqa: BLE001 - every waiting request gets the error
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+            return
+        start = 0
+        for item in batch:
+            if not item.future.done():
+                item.future.set_result(probs[start:start + len(item.texts)])
+            start += len(item.texts)
 
 
 class HeadService:
     """What /classify needs for heads: the registry, one batcher per loaded head, and the engine-thread
-    call (`model.head.classify_ids`) on a feature model: the served checkpoint's first blocks, loaded
-    once per (depth, bf16) on the engine thread (a few seconds, the first time), whatever variant
-    serves generation; bf16 when the head was trained on bf16 features and the CPU runs bf16 natively."""
+    call (`model.head.classify_ids`) on a feature model: the served checkpoint's first blocks in the
+    head's precision (q4: the native kernels, as q4 serving runs them), loaded once per (depth,
+    precision) on the engine thread (a second or two, the first time), whatever variant serves
+    generation."""
 
-    def __init__(self, registry: HeadRegistry, client: EngineClient, checkpoint_dir: Path, pad_id: int,
-                 bf16: bool) -> None:
-        self.registry, self.client, self.pad_id, self.bf16 = registry, client, pad_id, bf16
+    def __init__(self, registry: HeadRegistry, client: EngineClient, checkpoint_dir: Path, pad_id: int) -> None:
+        self.registry, self.client, self.pad_id = registry, client, pad_id
         self.checkpoint_dir = checkpoint_dir
         self._batchers: dict[str, tuple[LoadedHead, HeadBatcher]] = {}
-        self._copies: dict[tuple[int, bool], Any] = {}  # (depth, bf16) -> feature_model (engine thread only)
+        self._copies: dict[tuple[int, str], Any] = {}  # (depth, precision) -> feature model (engine thread only)
 
     def match(self, labels: list[str] | None, model: str | None) -> tuple[str, LoadedHead] | None:
         return self.registry.match(labels, model)
@@ -196,9 +208,8 @@ class HeadService:
         return await current[1].classify(ids)
 
     def _feature_model(self, loaded: LoadedHead) -> Any:
-        """Engine thread: the model the head's features come from (bf16 when the head was trained on
-        bf16 features and this CPU runs bf16 natively), made once per (depth, bf16)."""
-        key = (loaded.info.layer, self.bf16 and bool(loaded.info.metrics.get("bf16")))
+        """Engine thread: the model the head's features come from, made once per (depth, precision)."""
+        key = (loaded.info.layer, loaded.info.precision)
         if key not in self._copies:
             self._copies[key] = load_feature_model(self.checkpoint_dir, *key)
         return self._copies[key]

@@ -157,14 +157,13 @@ def _heads(settings: ServerSettings, loaded: Loaded, client: EngineClient) -> He
     hashing the weights takes a second)."""
     if not settings.adapters_dir or loaded.checkpoint_dir is None:
         return None
-    from model.features import bf16_fast
     from model.head import base_identity
 
     registry = HeadRegistry(settings.adapters_dir, base_identity(loaded.checkpoint_dir))
     registry.refresh()
     log.info("adapters dir %s: heads %s%s", settings.adapters_dir, sorted(registry.heads) or "none",
              f", refused {sorted(registry.errors)}" if registry.errors else "")
-    return HeadService(registry, client, loaded.checkpoint_dir, loaded.tokenizer.pad_id, bf16=bf16_fast())
+    return HeadService(registry, client, loaded.checkpoint_dir, loaded.tokenizer.pad_id)
 
 
 async def _watch_adapters(settings: ServerSettings, loaded: Loaded, client: EngineClient) -> AdapterWatcher:

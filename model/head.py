@@ -8,7 +8,7 @@
 Layout of `<adapters_dir>/<name>/`:
     head.safetensors   the head's tensors (standardisation mean/std, linear or MLP weights)
     head.json          {"labels": [...], "layer": k, "pooling": ..., "template": ..., "hidden": h,
-                        "base": {checkpoint identity}, "metrics": {...}}
+                        "precision": "q4" | "bf16" | "fp32", "base": {checkpoint identity}, "metrics": {...}}
 The two files are written to temp names and renamed into place, head.json last: a reader that sees
 head.json sees the matching tensors. Loading never unpickles and turns every problem into a one-line
 HeadError.
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from model.features import FeatureError, FeatureSpec
+from model.features import PRECISIONS, FeatureError, FeatureSpec
 from model.versioned import atomic_write_bytes
 
 HEAD_WEIGHTS, HEAD_META = "head.safetensors", "head.json"
@@ -69,6 +69,15 @@ class HeadInfo:
     template: str = "{text}"
     hidden: int = 0
     metrics: dict[str, Any] = field(default_factory=dict)
+    # how the features were computed (model.features.PRECISIONS); served the same way. "" (heads written
+    # before the field existed): bf16 if their metrics say so, else fp32
+    precision: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.precision:
+            self.precision = "bf16" if self.metrics.get("bf16") else "fp32"
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
 
     @property
     def spec(self) -> FeatureSpec:
@@ -143,12 +152,12 @@ def load_head(directory: str | Path) -> LoadedHead:
 
 
 @torch.no_grad()
-def classify_ids(model: Any, loaded: LoadedHead, ids: list[list[int]], pad_id: int,
-                 bf16: bool = False) -> list[list[float]]:
-    """Label probabilities (in loaded.info.labels order) for texts already encoded in the head's
-    template (`model.features.encode_texts`): the head over features of `model`'s first `layer`
-    blocks, then softmax. What the server runs on its engine thread."""
+def classify_ids(model: Any, loaded: LoadedHead, ids: list[list[int]], pad_id: int) -> list[list[float]]:
+    """Label probabilities (loaded.info.labels order) for texts already encoded in the
+    head's template (`model.features.encode_texts`): the head over features of `model`'s first `layer`
+    blocks (`model.features.load_feature_model` in the head's precision), then softmax. What the server
+    runs on its engine thread, on all the texts of concurrent requests at once."""
     from model.features import features_from_ids
 
-    feats = features_from_ids(model, ids, loaded.info.spec, pad_id, bf16=bf16)
+    feats = features_from_ids(model, ids, loaded.info.spec, pad_id)
     return loaded.head(feats).softmax(-1).tolist()

@@ -18,6 +18,7 @@ from model.quant.q4 import BlockQuantLinear
 from model.transformer import rotary_inv_freq
 
 HEAD_DIMS = (16, 32, 64, 128)  # what the native attention is compiled for
+TENSORS_PER_LAYER = 14  # seedling_cpu.cpp kTensorsPerLayer: see layer_tensors
 
 
 class NativeQ4Model(nn.Module):
@@ -31,12 +32,8 @@ class NativeQ4Model(nn.Module):
         super().__init__()
         cfg = self.config = eager.config
         check_supported(cfg)
-        tensors: list[torch.Tensor] = []
-        for layer in eager.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            tensors += [layer.input_layernorm.weight, *_qdm(attn.qkv_proj), *_qdm(attn.o_proj),
-                        layer.post_attention_layernorm.weight, *_qdm(mlp.gate_up_proj), *_qdm(mlp.down_proj)]
-        self.weights = [t.detach().contiguous() for t in tensors + [eager.norm.weight, *_qdm(eager.lm_head)]]
+        tensors = layer_tensors(eager)
+        self.weights = tensors + [t.detach().contiguous() for t in [eager.norm.weight, *_qdm(eager.lm_head)]]
         self.embed_tokens = eager.embed_tokens
         self.inv_freq = rotary_inv_freq(cfg.head_dim, cfg.rope_theta, torch.device("cpu"))
         self.cache_dtype = cache_dtype
@@ -63,6 +60,18 @@ class NativeQ4Model(nn.Module):
         logits = torch.ops.seedling.forward(x, slots, pos, rows, self.weights, k, v, self.inv_freq,
                                             cfg.n_heads, cfg.n_kv_heads, cfg.norm_eps, self.isa)
         return logits if logits_index is not None else logits.view(B, T, -1)
+
+
+def layer_tensors(eager: EagerModel) -> list[torch.Tensor]:
+    """The TENSORS_PER_LAYER tensors per layer the native ops read, in their order (seedling_cpu.cpp decoder_layer):
+    input norm, qkv (q, d, m), o, post-attention norm, gate_up, down. `eager`'s projections must be
+    BlockQuantLinear."""
+    tensors: list[torch.Tensor] = []
+    for layer in eager.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        tensors += [layer.input_layernorm.weight, *_qdm(attn.qkv_proj), *_qdm(attn.o_proj),
+                    layer.post_attention_layernorm.weight, *_qdm(mlp.gate_up_proj), *_qdm(mlp.down_proj)]
+    return [t.detach().contiguous() for t in tensors]
 
 
 def check_supported(config: ModelConfig) -> None:

@@ -17,8 +17,8 @@ import torch
 
 from app.heads import HeadBatcher, HeadRegistry
 from model.checkpoint import load_checkpoint
-from model.features import extract_features
-from model.head import ClassifierHead, HeadInfo, base_identity, load_head, save_head
+from model.features import encode_texts, extract_features, load_feature_model, precision_unavailable
+from model.head import ClassifierHead, HeadInfo, base_identity, classify_ids, load_head, save_head
 from tests.test_app_support import app_checkpoint, make_client, settings_for  # noqa: F401 - fixtures
 
 LABELS = ["lost_card", "transfer", "balance"]
@@ -47,6 +47,20 @@ def test_registry_matches_label_sets_and_refuses_other_bases(tmp_path: Path) -> 
     assert reg.match([*LABELS, "lost_card"], None) is None  # nor is a list repeating a label
     assert reg.match(None, "intents")[0] == "intents"  # named: its own labels
     assert reg.match(["a", "b"], "intents") is None and reg.match(LABELS, "nope") is None
+
+
+def test_registry_refuses_a_head_whose_features_cannot_run_here(tmp_path: Path, monkeypatch) -> None:
+    import app.heads
+
+    base = {"name": "m", "weights_sha256": "a" * 64}
+    torch.manual_seed(0)
+    save_head(tmp_path / "q4head", ClassifierHead(64, 2),
+              HeadInfo(labels=["x", "y"], layer=1, pooling="mean", base=base, precision="q4"))
+    monkeypatch.setattr(app.heads, "precision_unavailable",
+                        lambda p: "no native kernels" if p == "q4" else None)
+    reg = HeadRegistry(tmp_path, base)
+    reg.refresh()
+    assert reg.heads == {} and "no native kernels" in reg.errors["q4head"]
 
 
 def test_registry_picks_up_new_changed_and_removed_heads(tmp_path: Path) -> None:
@@ -96,6 +110,32 @@ def test_concurrent_requests_share_engine_calls() -> None:
     assert client.calls == [1, 15]  # the 15 arrived while the first ran, and went together
 
 
+def test_a_collection_window_lets_a_lone_request_wait_for_company() -> None:
+    """window_s > 0: the first request of an idle batcher waits that long, so requests a moment
+    behind it share its engine call; a full batch never waits."""
+    client = FakeClient()
+    batcher = HeadBatcher(client, lambda ids: [[float(x[0])] for x in ids], max_texts=8,  # type: ignore[arg-type]
+                          window_s=0.05)
+
+    async def one_then_seven() -> list[list[list[float]]]:
+        first = asyncio.ensure_future(batcher.classify([[0]]))
+        await asyncio.sleep(0.005)
+        rest = await asyncio.gather(*(batcher.classify([[i]]) for i in range(1, 8)))
+        return [await first, *rest]
+
+    assert asyncio.run(one_then_seven()) == [[[float(i)]] for i in range(8)]
+    assert client.calls == [8]
+
+    async def full() -> float:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        await asyncio.gather(*(batcher.classify([[i]]) for i in range(8)))
+        return loop.time() - t0
+
+    client.calls.clear()
+    assert asyncio.run(full()) < 0.05 and client.calls == [8]
+
+
 def test_batches_respect_max_texts_and_errors_reach_every_waiter() -> None:
     client = FakeClient()
     batcher = HeadBatcher(client, lambda ids: [[0.0]] * len(ids), max_texts=4)  # type: ignore[arg-type]
@@ -134,9 +174,11 @@ def adapters(app_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     root = tmp_path_factory.mktemp("heads")
     _intents(root / "train.jsonl", 8)
     out = root / "adapters"
-    assert cli(["--base", str(app_checkpoint), "--train", str(root / "train.jsonl"), "--test", "", "--layer", "1",
-                "--val_per_label", "0", "--l2", "1e-3", "--no-progress", "--no-bf16", "--adapters_dir", str(out),
-                "--name", "intents"]) == 0
+    common = ["--base", str(app_checkpoint), "--train", str(root / "train.jsonl"), "--test", "", "--layer", "1",
+              "--val_per_label", "0", "--l2", "1e-3", "--no-progress", "--adapters_dir", str(out)]
+    assert cli([*common, "--precision", "fp32", "--name", "intents"]) == 0
+    if precision_unavailable("q4") is None:
+        assert cli([*common, "--precision", "q4", "--name", "intents_q4"]) == 0
     return out
 
 
@@ -165,6 +207,24 @@ def test_classify_uses_the_head_whatever_the_label_order(app_checkpoint: Path, a
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "labels"
         missing = client.post("/classify", json={"text": texts[0], "labels": LABELS, "model": "nope"})
         assert missing.status_code == 404 and missing.json()["error"]["param"] == "model"
+
+
+@pytest.mark.skipif(precision_unavailable("q4") is not None, reason="no native kernels")
+def test_a_q4_head_is_served_on_the_q4_features_it_was_trained_on(app_checkpoint: Path,  # noqa: F811
+                                                                   adapters: Path) -> None:
+    """Concurrent requests batched together get what one text alone gets offline: q4 features do not
+    depend on what they are batched with."""
+    texts = ["I lost my card number 99 yesterday", "please send money transfer 5 today", "balance of account 3"]
+    loaded = load_head(adapters / "intents_q4")
+    tok = load_checkpoint(app_checkpoint).tokenizer
+    stack = load_feature_model(app_checkpoint, 1, "q4")
+    expected = [classify_ids(stack, loaded, encode_texts(tok, [t]), tok.pad_id)[0] for t in texts]
+    with make_client(settings_for(app_checkpoint, adapters_dir=str(adapters))) as client:
+        r = client.post("/classify", json={"text": texts, "model": "intents_q4"})
+        assert r.status_code == 200, r.text
+        for item, probs in zip(r.json()["results"], expected, strict=True):
+            got = {s["label"]: s["score"] for s in item["scores"]}
+            assert got == pytest.approx(dict(zip(loaded.info.labels, probs, strict=True)), abs=1e-6)
 
 
 def test_heads_added_while_serving_and_broken_ones_refused(app_checkpoint: Path, adapters: Path,  # noqa: F811

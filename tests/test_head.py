@@ -16,11 +16,17 @@ from model.checkpoint import load_checkpoint
 from model.features import (
     FeatureError,
     FeatureSpec,
+    Q4Stack,
+    bf16_fast,
     block_states,
     encode_texts,
     extract_features,
+    features_from_ids,
     length_batches,
     load_feature_model,
+    pool,
+    pool_packed,
+    precision_unavailable,
     shallow_copy,
 )
 from model.head import ClassifierHead, HeadError, HeadInfo, load_head, save_head
@@ -66,10 +72,70 @@ def test_shallow_copy_gives_the_same_features(tiny_checkpoint: Path) -> None:
     shallow = shallow_copy(load_checkpoint(tiny_checkpoint).model, 1, torch.float32)
     assert len(shallow.layers) == 1 and shallow.config.n_layers == 1
     torch.testing.assert_close(extract_features(shallow, ckpt.tokenizer, TEXTS, spec), ref, rtol=1e-5, atol=1e-5)
-    bf = load_feature_model(tiny_checkpoint, 1, bf16=True)
-    assert bf.dtype == torch.bfloat16 and len(bf.layers) == 1
+    bf = load_feature_model(tiny_checkpoint, 1, "bf16")
+    if bf16_fast():
+        assert bf.dtype == torch.bfloat16 and len(bf.layers) == 1
     cos = torch.nn.functional.cosine_similarity(extract_features(bf, ckpt.tokenizer, TEXTS, spec), ref)
     assert cos.min() > 0.99
+
+
+def _eager_q4_states(checkpoint: Path, ids: list[int], depth: int) -> torch.Tensor:
+    """The residual stream after `depth` blocks of the PyTorch composition of the q4 projections
+    (model.eager with BlockQuantLinear): what the native op computes in one call."""
+    from model.eager import EagerModel
+    from model.quant.q4 import block_linear
+    from model.transformer import rotary_cos_sin
+
+    eager = EagerModel.from_transformer(load_checkpoint(checkpoint).model, block_linear)
+    tokens = torch.tensor([ids])
+    x = eager.embed_tokens(tokens)
+    cos, sin = rotary_cos_sin(torch.arange(len(ids))[None], eager.config.head_dim, eager.config.rope_theta, x.dtype)
+    for layer in eager.layers[:depth]:
+        x = layer(x, cos, sin, None)
+    return x[0]
+
+
+@pytest.mark.skipif(precision_unavailable("q4") is not None, reason="no native kernels")
+def test_q4_features_are_the_q4_layers_and_batch_invariant(tiny_checkpoint: Path) -> None:
+    """Q4Stack runs the q4 serving kernels over packed texts: its states are the eager q4 layers'
+    (up to fp16 K/V and summation order), each text's features are bit-identical however it is
+    batched, and they stay close to fp32 features."""
+    ckpt = load_checkpoint(tiny_checkpoint)
+    stack = load_feature_model(tiny_checkpoint, 2, "q4")
+    assert isinstance(stack, Q4Stack) and stack.config.n_layers == 2
+    ids = encode_texts(ckpt.tokenizer, TEXTS)
+    for depth in (1, 2):
+        got = stack.states([ids[1]], depth)
+        want = _eager_q4_states(tiny_checkpoint, ids[1], depth)
+        assert (got - want).norm() / want.norm() < 0.01
+    for pooling in ("mean", "last", "mean+last"):
+        spec = FeatureSpec(layer=2, pooling=pooling)
+        batched = features_from_ids(stack, ids, spec, pad_id=0, max_batch=3)
+        alone = torch.cat([features_from_ids(stack, [x], spec, pad_id=0) for x in ids])
+        assert torch.equal(batched, alone)
+        ref = extract_features(ckpt.model, ckpt.tokenizer, TEXTS, spec)
+        assert torch.nn.functional.cosine_similarity(batched, ref).min() > 0.98
+    with pytest.raises(FeatureError, match="past the model"):
+        load_feature_model(tiny_checkpoint, 3, "q4")
+
+
+def test_pool_packed_equals_padded_pooling() -> None:
+    torch.manual_seed(0)
+    lengths = torch.tensor([3, 1, 4])
+    padded = torch.randn(3, 4, 5)
+    packed = torch.cat([padded[i, :n] for i, n in enumerate(lengths.tolist())])
+    for pooling in ("mean", "last", "mean+last"):
+        torch.testing.assert_close(pool_packed(packed, lengths, pooling), pool(padded, lengths, pooling))
+
+
+def test_head_info_precision() -> None:
+    """head.json written before `precision` existed reads as what its metrics say; a bad one is refused."""
+    assert HeadInfo(labels=["a"], layer=1, pooling="mean", base={}).precision == "fp32"
+    assert HeadInfo(labels=["a"], layer=1, pooling="mean", base={}, metrics={"bf16": True}).precision == "bf16"
+    assert HeadInfo(labels=["a"], layer=1, pooling="mean", base={}, precision="q4").precision == "q4"
+    with pytest.raises(ValueError, match="precision"):
+        HeadInfo(labels=["a"], layer=1, pooling="mean", base={}, precision="int3")
+    assert precision_unavailable("int3") is not None and precision_unavailable("fp32") is None
 
 
 def test_template_special_tokens(tiny_bpe_tokenizer) -> None:
@@ -151,7 +217,7 @@ def test_job_writes_a_deterministic_head(tiny_checkpoint: Path, tmp_path: Path) 
     _write_intents(tmp_path / "test.jsonl", 4)
     args = ["--base", str(tiny_checkpoint), "--train", str(tmp_path / "train.jsonl"), "--test",
             str(tmp_path / "test.jsonl"), "--layer", "1", "--val_per_label", "3", "--l2", "1e-3", "1e-2",
-            "--no-progress", "--no-bf16"]
+            "--no-progress", "--precision", "fp32"]
     assert cli([*args, "--adapters_dir", str(tmp_path / "a1"), "--name", "intents"]) == 0
     assert cli([*args, "--adapters_dir", str(tmp_path / "a2"), "--name", "intents"]) == 0
     one, two = tmp_path / "a1" / "intents", tmp_path / "a2" / "intents"
@@ -167,6 +233,24 @@ def test_job_writes_a_deterministic_head(tiny_checkpoint: Path, tmp_path: Path) 
     loaded = load_head(one)
     feats = extract_features(ckpt.model, ckpt.tokenizer, ["I lost my card number 99 yesterday"], loaded.info.spec)
     assert loaded.info.labels[int(loaded.head(feats).argmax())] == "lost_card"
+    assert info["precision"] == "fp32" and m["precision"] == "fp32"
+
+
+@pytest.mark.skipif(precision_unavailable("q4") is not None, reason="no native kernels")
+def test_job_trains_on_q4_features_and_the_head_says_so(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from model.head import classify_ids
+    from training.head import cli
+
+    _write_intents(tmp_path / "train.jsonl", 12)
+    assert cli(["--base", str(tiny_checkpoint), "--train", str(tmp_path / "train.jsonl"), "--test", "",
+                "--layer", "2", "--val_per_label", "0", "--no-progress", "--precision", "q4",
+                "--adapters_dir", str(tmp_path), "--name", "intents"]) == 0
+    loaded = load_head(tmp_path / "intents")
+    assert loaded.info.precision == "q4" and loaded.info.layer == 2
+    tok = load_checkpoint(tiny_checkpoint).tokenizer
+    ids = encode_texts(tok, ["I lost my card number 99 yesterday", "please send money transfer 7 today"])
+    probs = classify_ids(load_feature_model(tiny_checkpoint, 2, "q4"), loaded, ids, pad_id=0)
+    assert [loaded.info.labels[max(range(2), key=p.__getitem__)] for p in probs] == ["lost_card", "transfer"]
 
 
 def test_job_refuses_unknown_test_labels(tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:

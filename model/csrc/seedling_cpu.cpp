@@ -18,6 +18,8 @@
 //   seedling::linear(x, q, d, m, isa)  -> x @ W^T for one quantized weight (used by model/quantize.py)
 //   seedling::forward(..., isa)        -> logits of a Llama-family decoder over a packed batch of tokens,
 //                                         writing their K/V into the engine's KVCache tensors
+//   seedling::hidden(..., isa)         -> the same layers' residual stream (no final norm, no head):
+//                                         a shallow stack's features for classification heads
 //   seedling::cpu_isas()               -> the variants this CPU can run, best first
 
 #include <ATen/ATen.h>
@@ -265,18 +267,23 @@ at::Tensor output_head(const ForwardArgs& f, const float* x, const at::Tensor& r
   return logits;
 }
 
-at::Tensor forward_op(const at::Tensor& x_in, const at::Tensor& slots_t, const at::Tensor& positions_t,
-                      const at::Tensor& logits_rows_t, at::TensorList weights, const at::Tensor& k_cache,
-                      const at::Tensor& v_cache, const at::Tensor& inv_freq_t, int64_t n_heads, int64_t n_kv_heads,
-                      double eps, c10::string_view isa) {
+// What forward and hidden share: check the arguments, run every layer over the packed tokens, then
+// hand the residual stream (n_tokens, dim) to `finish`. `tail` is how many weight tensors follow the
+// layers (forward: the final norm and the head, 4; hidden: none).
+template <typename Finish>
+at::Tensor run_stack(const at::Tensor& x_in, const at::Tensor& slots_t, const at::Tensor& positions_t,
+                     at::TensorList weights, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                     const at::Tensor& inv_freq_t, int64_t n_heads, int64_t n_kv_heads, double eps,
+                     c10::string_view isa, int64_t tail, Finish finish) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "x must be (tokens, dim) float32");
   TORCH_CHECK((k_cache.scalar_type() == at::kHalf || k_cache.scalar_type() == at::kFloat) &&
                   v_cache.scalar_type() == k_cache.scalar_type() && k_cache.is_contiguous() &&
                   v_cache.is_contiguous() && k_cache.dim() == 5 && k_cache.sizes() == v_cache.sizes(),
               "K/V caches must be contiguous float32 or float16 (layers, slots, kv_heads, max_len, head_dim)");
   const int64_t n_layers = k_cache.size(0), n_tokens = x_in.size(0);
-  TORCH_CHECK(static_cast<int64_t>(weights.size()) == n_layers * kTensorsPerLayer + 4, "expected ",
-              n_layers * kTensorsPerLayer + 4, " weight tensors, got ", weights.size());
+  TORCH_CHECK(n_layers >= 1, "at least one layer");
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == n_layers * kTensorsPerLayer + tail, "expected ",
+              n_layers * kTensorsPerLayer + tail, " weight tensors, got ", weights.size());
   const at::Tensor slots_c = slots_t.to(at::kLong).contiguous(), pos_c = positions_t.to(at::kLong).contiguous();
   TORCH_CHECK(slots_c.numel() == n_tokens && pos_c.numel() == n_tokens, "one slot and position per token");
   const int64_t* slots = slots_c.data_ptr<int64_t>();
@@ -296,7 +303,27 @@ at::Tensor forward_op(const at::Tensor& x_in, const at::Tensor& slots_t, const a
   rotary_tables(positions, n_tokens, inv_freq_t.contiguous().data_ptr<float>(), s.head_dim / 2, w);
   at::Tensor x_t = x_in.contiguous().clone();  // the residual stream
   for (int64_t l = 0; l < n_layers; ++l) decoder_layer(f, l, x_t.data_ptr<float>(), w);
-  return output_head(f, x_t.data_ptr<float>(), logits_rows_t.to(at::kLong).contiguous(), w);
+  return finish(f, x_t, w);
+}
+
+at::Tensor forward_op(const at::Tensor& x_in, const at::Tensor& slots_t, const at::Tensor& positions_t,
+                      const at::Tensor& logits_rows_t, at::TensorList weights, const at::Tensor& k_cache,
+                      const at::Tensor& v_cache, const at::Tensor& inv_freq_t, int64_t n_heads, int64_t n_kv_heads,
+                      double eps, c10::string_view isa) {
+  return run_stack(x_in, slots_t, positions_t, weights, k_cache, v_cache, inv_freq_t, n_heads, n_kv_heads, eps,
+                   isa, 4, [&](const ForwardArgs& f, const at::Tensor& x, Scratch& w) {
+                     return output_head(f, x.data_ptr<float>(), logits_rows_t.to(at::kLong).contiguous(), w);
+                   });
+}
+
+// The residual stream after the layers (no final norm, no head): features for classification heads
+// (model/features.py), computed by exactly the kernels a q4 forward runs.
+at::Tensor hidden_op(const at::Tensor& x_in, const at::Tensor& slots_t, const at::Tensor& positions_t,
+                     at::TensorList weights, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                     const at::Tensor& inv_freq_t, int64_t n_heads, int64_t n_kv_heads, double eps,
+                     c10::string_view isa) {
+  return run_stack(x_in, slots_t, positions_t, weights, k_cache, v_cache, inv_freq_t, n_heads, n_kv_heads, eps,
+                   isa, 0, [](const ForwardArgs&, const at::Tensor& x, Scratch&) { return x; });
 }
 
 }  // namespace
@@ -307,10 +334,14 @@ TORCH_LIBRARY(seedling, lib) {
   lib.def(
       "forward(Tensor x, Tensor slots, Tensor positions, Tensor logits_rows, Tensor[] weights, Tensor(a!) k_cache, "
       "Tensor(b!) v_cache, Tensor inv_freq, int n_heads, int n_kv_heads, float eps, str isa=\"\") -> Tensor");
+  lib.def(
+      "hidden(Tensor x, Tensor slots, Tensor positions, Tensor[] weights, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+      "Tensor inv_freq, int n_heads, int n_kv_heads, float eps, str isa=\"\") -> Tensor");
   lib.def("cpu_isas() -> str[]", &seedling::cpu_isas_op);  // no tensor arguments: one kernel for every key
 }
 
 TORCH_LIBRARY_IMPL(seedling, CPU, lib) {
   lib.impl("linear", seedling::linear_op);
   lib.impl("forward", seedling::forward_op);
+  lib.impl("hidden", seedling::hidden_op);
 }
