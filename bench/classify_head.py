@@ -70,9 +70,20 @@ def main() -> None:
     ap.add_argument("--max-wall-s", type=float, default=180, help="per phase")
     ap.add_argument("--json-out", default=None)
     ap.add_argument("--server-log", default="/tmp/seedling-bench-classify-head.log", help="the server's output")
+    ap.add_argument("--url", default=None, help="bench a server that is already running (started with "
+                    "SEEDLING_ADAPTERS_DIR=--adapters-dir) instead of starting one")
     a = ap.parse_args()
     info = json.loads((Path(a.adapters_dir) / a.head / "head.json").read_text())
     records = [json.loads(line) for line in Path(a.data).read_text().splitlines() if line.strip()]
+    if a.url:
+        results = run_phases(a.url.rstrip("/"), a, info["labels"], records)
+    else:
+        results = run_with_server(a, info["labels"], records)
+    report(a, info["labels"], results)
+
+
+def run_with_server(a: argparse.Namespace, labels: list[str], records: list[dict]) -> dict[str, dict]:
+    """Start `python -m app` on a free port with the adapters directory, run the phases, stop it."""
     port = free_port()
     # zero-shot scoring of many labels under a loaded CPU can run one engine call past the default
     # stall limit (120 s), which would end the server mid-baseline
@@ -84,19 +95,31 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, proc, "/ready")
-        base = httpx.get(url + "/v1/models").json()["data"][0]["id"]
-        results = {}
-        for name, model, n in (("head", a.head, a.texts), ("zero-shot", base, a.zero_shot_texts)):
-            results[name] = asyncio.run(phase(url, model, info["labels"], records[:n], a.concurrency, a.max_wall_s))
+        return run_phases(url, a, labels, records)
     finally:
         stop(proc)
-    print(f"/classify, {len(info['labels'])} labels, concurrency {a.concurrency}, one text per request "
+
+
+def run_phases(url: str, a: argparse.Namespace, labels: list[str], records: list[dict]) -> dict[str, dict]:
+    """The head phase, then the zero-shot phase (skipped with --zero-shot-texts 0)."""
+    base = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+    results = {}
+    for name, model, n in (("head", a.head, a.texts), ("zero-shot", base, a.zero_shot_texts)):
+        if n > 0:
+            results[name] = asyncio.run(phase(url, model, labels, records[:n], a.concurrency, a.max_wall_s))
+    return results
+
+
+def report(a: argparse.Namespace, labels: list[str], results: dict[str, dict]) -> None:
+    print(f"/classify, {len(labels)} labels, concurrency {a.concurrency}, one text per request "
           f"({os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}):")
     for name, r in results.items():
         print(f"  {name:9s} {r['texts_per_s']:8.2f} texts/s  p50 {r['p50_ms']:8.0f} ms  accuracy "
               f"{r['accuracy']:.3f} (n={r['texts']})  errors {r['errors']}  wall {r['wall_s']} s")
-    ratio = results["head"]["texts_per_s"] / max(results["zero-shot"]["texts_per_s"], 1e-9)
-    print(f"  head / zero-shot: {ratio:.0f}x")
+    ratio = None
+    if "zero-shot" in results:
+        ratio = results["head"]["texts_per_s"] / max(results["zero-shot"]["texts_per_s"], 1e-9)
+        print(f"  head / zero-shot: {ratio:.0f}x")
     if a.json_out:
         Path(a.json_out).write_text(json.dumps({"results": results, "ratio": ratio}, indent=2) + "\n")
 

@@ -39,7 +39,9 @@ SSE_RESPONSE: OpenAPIResponses = {
 }
 
 
-def get_service(request: Request) -> Service:
+async def get_service(request: Request) -> Service:
+    """The request's Service, or 503 while the model loads (async: FastAPI runs a sync dependency in a
+    worker thread, a thread hop per request for two attribute reads)."""
     state = request.app.state.seedling
     if state.service is None:
         if state.load_error is not None:
