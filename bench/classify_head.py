@@ -7,7 +7,8 @@ Starts `python -m app` with SEEDLING_ADAPTERS_DIR, then C clients each send one-
 requests back to back with the head's labels: first naming the head (`model: <head>`), then naming
 the base model (`model: <base>`: zero-shot scoring of every label, the baseline). Each phase is
 bounded by `--texts` and `--max-wall-s`. Texts come from `--data` (Banking77 test split by default).
-Prints texts/s per phase, the ratio, and accuracy on the texts sent (n).
+Prints texts/s per phase, the ratio, accuracy on the texts sent (n), and the CPU milliseconds per text
+of the server and of this client (on a shared CPU the texts/s depend on the load; CPU time much less).
 """
 
 from __future__ import annotations
@@ -27,14 +28,27 @@ from bench.compare import free_port, stop, wait_ready
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "banking77" / "test.jsonl"
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds of process `pid` (all its threads) so far; nan when unknown. On a
+    shared CPU, CPU time per text is the number that does not depend on what else runs."""
+    if pid is None:
+        return float("nan")
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 async def phase(url: str, model: str, labels: list[str], records: list[dict], concurrency: int,
-                max_wall_s: float) -> dict:
-    """C clients, one text per request; returns texts/s, accuracy, errors, latency p50."""
+                max_wall_s: float, server_pid: int | None = None) -> dict:
+    """C clients, one text per request; returns texts/s, accuracy, errors, latency p50, and the
+    server's and this client's CPU milliseconds per text."""
     queue: asyncio.Queue[dict] = asyncio.Queue()
     for r in records:
         queue.put_nowait(r)
     correct, done, errors, latencies = 0, 0, 0, []
-    t0 = time.perf_counter()
+    t0, server0, client0 = time.perf_counter(), cpu_seconds(server_pid), time.process_time()
 
     async def client(http: httpx.AsyncClient) -> None:
         nonlocal correct, done, errors
@@ -52,10 +66,13 @@ async def phase(url: str, model: str, labels: list[str], records: list[dict], co
     async with httpx.AsyncClient(timeout=600) as http:
         await asyncio.gather(*(client(http) for _ in range(concurrency)))
     wall = time.perf_counter() - t0
+    server_cpu, client_cpu = cpu_seconds(server_pid) - server0, time.process_time() - client0
     latencies.sort()
     return {"texts": done, "errors": errors, "wall_s": round(wall, 2), "texts_per_s": done / wall if wall else 0.0,
             "accuracy": correct / done if done else float("nan"),
-            "p50_ms": 1000 * latencies[len(latencies) // 2] if latencies else float("nan")}
+            "p50_ms": 1000 * latencies[len(latencies) // 2] if latencies else float("nan"),
+            "server_cpu_ms_per_text": 1000 * server_cpu / max(done, 1),
+            "client_cpu_ms_per_text": 1000 * client_cpu / max(done, 1)}
 
 
 def main() -> None:
@@ -72,11 +89,12 @@ def main() -> None:
     ap.add_argument("--server-log", default="/tmp/seedling-bench-classify-head.log", help="the server's output")
     ap.add_argument("--url", default=None, help="bench a server that is already running (started with "
                     "SEEDLING_ADAPTERS_DIR=--adapters-dir) instead of starting one")
+    ap.add_argument("--server-pid", type=int, default=None, help="with --url: the server's pid, to count its CPU time")
     a = ap.parse_args()
     info = json.loads((Path(a.adapters_dir) / a.head / "head.json").read_text())
     records = [json.loads(line) for line in Path(a.data).read_text().splitlines() if line.strip()]
     if a.url:
-        results = run_phases(a.url.rstrip("/"), a, info["labels"], records)
+        results = run_phases(a.url.rstrip("/"), a, info["labels"], records, a.server_pid)
     else:
         results = run_with_server(a, info["labels"], records)
     report(a, info["labels"], results)
@@ -95,18 +113,20 @@ def run_with_server(a: argparse.Namespace, labels: list[str], records: list[dict
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, proc, "/ready")
-        return run_phases(url, a, labels, records)
+        return run_phases(url, a, labels, records, proc.pid)
     finally:
         stop(proc)
 
 
-def run_phases(url: str, a: argparse.Namespace, labels: list[str], records: list[dict]) -> dict[str, dict]:
+def run_phases(url: str, a: argparse.Namespace, labels: list[str], records: list[dict],
+               server_pid: int | None) -> dict[str, dict]:
     """The head phase, then the zero-shot phase (skipped with --zero-shot-texts 0)."""
     base = httpx.get(url + "/v1/models").json()["data"][0]["id"]
     results = {}
     for name, model, n in (("head", a.head, a.texts), ("zero-shot", base, a.zero_shot_texts)):
         if n > 0:
-            results[name] = asyncio.run(phase(url, model, labels, records[:n], a.concurrency, a.max_wall_s))
+            results[name] = asyncio.run(phase(url, model, labels, records[:n], a.concurrency, a.max_wall_s,
+                                              server_pid))
     return results
 
 
@@ -115,7 +135,8 @@ def report(a: argparse.Namespace, labels: list[str], results: dict[str, dict]) -
           f"({os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}):")
     for name, r in results.items():
         print(f"  {name:9s} {r['texts_per_s']:8.2f} texts/s  p50 {r['p50_ms']:8.0f} ms  accuracy "
-              f"{r['accuracy']:.3f} (n={r['texts']})  errors {r['errors']}  wall {r['wall_s']} s")
+              f"{r['accuracy']:.3f} (n={r['texts']})  errors {r['errors']}  wall {r['wall_s']} s  CPU ms/text: "
+              f"server {r['server_cpu_ms_per_text']:.1f}, client {r['client_cpu_ms_per_text']:.1f}")
     ratio = None
     if "zero-shot" in results:
         ratio = results["head"]["texts_per_s"] / max(results["zero-shot"]["texts_per_s"], 1e-9)

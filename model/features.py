@@ -126,7 +126,7 @@ def pool_packed(states: torch.Tensor, lengths: torch.Tensor, pooling: str) -> to
     """(N, dim) states of texts packed one after another (N = lengths.sum()), (B,) lengths ->
     (B, dim) or (B, 2*dim) float32."""
     states = states.float()
-    rows = torch.repeat_interleave(torch.arange(len(lengths)), lengths)  # (N,) text of each token
+    rows = torch.tensor([i for i, n in enumerate(lengths.tolist()) for _ in range(n)])  # (N,) text of each token
     mean = torch.zeros(len(lengths), states.shape[1]).index_add_(0, rows, states) / lengths[:, None].float()
     last = states[lengths.cumsum(0) - 1]  # (B, dim)
     return _pooled(mean, last, pooling)
@@ -193,8 +193,8 @@ class Q4Stack:
         assert 1 <= depth <= cfg.n_layers, depth
         lengths = [len(x) for x in ids]
         tokens = torch.tensor([t for x in ids for t in x])  # (N,)
-        slots = torch.repeat_interleave(torch.arange(len(ids)), torch.tensor(lengths))  # (N,)
-        positions = torch.cat([torch.arange(n) for n in lengths])  # (N,)
+        slots = torch.tensor([i for i, n in enumerate(lengths) for _ in range(n)])  # (N,) text of each token
+        positions = torch.tensor([p for n in lengths for p in range(n)])  # (N,)
         shape = (depth, len(ids), cfg.n_kv_heads, max(lengths), cfg.head_dim)
         # scratch K/V (fp16 as in serving); every row attention reads is written first in the same call
         k, v = torch.empty(shape, dtype=torch.float16), torch.empty(shape, dtype=torch.float16)

@@ -242,3 +242,17 @@ def test_heads_added_while_serving_and_broken_ones_refused(app_checkpoint: Path,
         assert r.status_code == 404 and "corrupt" in r.json()["error"]["message"]
         assert client.post("/classify", json={"text": "hi", "model": "xy"}).status_code == 200
         assert client.post("/classify", json={"text": "hi", "model": "intents"}).status_code == 200
+
+
+def test_the_head_forward_runs_on_one_intra_op_thread() -> None:
+    """intra_op_threads sets torch's thread count for the block only (the head's forward: one thread,
+    app/heads.py HEAD_THREADS), and restores it even when the block fails."""
+    from app.heads import intra_op_threads
+
+    before = torch.get_num_threads()
+    with intra_op_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError), intra_op_threads(1):
+        raise RuntimeError("boom")
+    assert torch.get_num_threads() == before

@@ -196,7 +196,9 @@ async def classify(body: ClassifyRequest, request: Request, svc: Service = Depen
     if is_batch:
         return ClassifyBatchResponse(id=rid, model=served, multi_label=body.multi_label,
                                      results=items, usage=_total(items))
-    return ClassifyResponse(id=rid, model=served, multi_label=body.multi_label, **items[0].model_dump())
+    item = items[0]  # its fields as they are: model_dump would rebuild every LabelScore twice
+    return ClassifyResponse(id=rid, model=served, multi_label=body.multi_label, label=item.label, labels=item.labels,
+                            scores=item.scores, usage=item.usage)
 
 
 def _loop_time() -> float:
