@@ -302,6 +302,17 @@ class EngineClient:
         instead of waiting behind one call that scores every job."""
         return [await self.score(prompt, conts, adapter) for prompt, conts in jobs]
 
+    async def score_after(self, prompts: Sequence[Sequence[int]], continuation: Sequence[int],
+                          adapter: str | None = None) -> list[float]:
+        """engine.score_after on the engine thread, one forward at a time between engine steps: sum
+        log p(continuation | prompt) per prompt (/classify's channel direction)."""
+        future: concurrent.futures.Future[list[float]] = concurrent.futures.Future()
+        job = PiecewiseCall(future, functools.partial(self.engine.score_after_steps, [list(p) for p in prompts],
+                                                      list(continuation), adapter))
+        self._check_alive()
+        self._commands.put(job)
+        return await asyncio.wrap_future(future)
+
     async def call(self, fn: Callable[..., T], *args: object) -> T:
         """Run fn(*args) on the engine thread between steps (it may touch the device)."""
         return await asyncio.wrap_future(self.submit(fn, *args))

@@ -44,6 +44,17 @@ ScoreJob = tuple[list[int], list[list[int]]]  # (prompt ids, one continuation pe
 INLINE_TOKENIZE_CHARS = 2048
 
 
+@dataclass
+class ZeroShotWork:
+    """The engine work of one zero-shot /classify request, built off the event loop."""
+    conts: list[list[int]]  # the direct answers scored per label
+    channel_prompts: list[list[int]]  # per label: the prompt the channel direction scores a text after
+    prompts: list[list[int]] = field(default_factory=list)  # per text: its classify prompt
+    jobs: list[ScoreJob] = field(default_factory=list)  # direct scoring, per text (none when not needed)
+    channel: list[list[int]] = field(default_factory=list)  # per text: its channel continuation (or none)
+    free: list[ScoreJob] = field(default_factory=list)  # the content-free prompts when the prior is due
+
+
 class ClientGone(Exception):
     """The client disconnected before the response was ready; its requests were aborted."""
 
@@ -260,54 +271,63 @@ class Service:
     async def classify_zero_shot(self, request: Request, texts: list[str], spec: tasks.ClassifySpec,
                                  multi_label: bool, threshold: float, endpoint: str, adapter: str | None = None
                                  ) -> list[Scored]:
-        """Rank labels by the model's log-likelihood of answering each one (one scoring forward per
-        text, the prompt shared by every label), calibrated by `model.tasks.DEFAULT_CALIBRATION`
-        against the label set's content-free prior (scored once per label set, then cached).
-        `adapter`: a LoRA adapter scores instead of the base model."""
+        """Rank labels by `model.tasks.DEFAULT_CALIBRATION` of two scores (docs/classify.md): the direct
+        log-likelihood of answering each label (one scoring forward per text, the prompt shared by
+        every label), calibrated against the label set's content-free prior (scored once per label set,
+        then cached), and the channel log-likelihood of the text after each label's prompt (the engine
+        keeps the label prompts' K/V). multi_label uses the direct scores only. `adapter`: a LoRA
+        adapter scores instead of the base model."""
         calibration = tasks.DEFAULT_CALIBRATION
         # an adapter can be replaced under its name at any time: its prior is scored with each request
         prior = self._priors.get(spec) if adapter is None else None
-        needs_prior = prior is None and calibration in tasks.PRIOR_CALIBRATIONS
-        jobs, free = await self.prompts.run(self._zero_shot_jobs, texts, spec, needs_prior)
-        conts = jobs[0][1]
+        needs_prior = prior is None and tasks.needs_prior(calibration, multi_label)
+        work = await self.prompts.run(self._zero_shot_jobs, texts, spec, calibration, multi_label, needs_prior)
+
+        async def score() -> tuple[list[list[float]], list[list[float]]]:
+            direct = await self.client.score_each(work.jobs + work.free, adapter)
+            return direct, [await self.client.score_after(work.channel_prompts, c, adapter) for c in work.channel]
+
         # the admission bound counts the caller's texts; the prior's few content-free prompts ride along
-        all_ll = await self._score(request, jobs + free, endpoint, slots=len(jobs), adapter=adapter)
+        all_ll, all_channel = await self._classify_work(request, score, len(texts), endpoint,
+                                                        prompt_tokens=sum(len(p) for p in work.prompts))
         if needs_prior:
-            prior = tasks.content_free_prior(all_ll[len(jobs):])
+            prior = tasks.content_free_prior(all_ll[len(work.jobs):])
             if adapter is None:
                 self._priors.put(spec, prior)
-        lengths = [len(c) for c in conts]
+        lengths = [len(c) for c in work.conts]
         results = []
-        for (prompt, _), ll in zip(jobs, all_ll, strict=False):
-            probs = tasks.label_probabilities(ll, lengths, prior, calibration, multi_label)
+        for i, prompt in enumerate(work.prompts):
+            probs = tasks.label_probabilities(all_ll[i] if work.jobs else None, lengths, prior, calibration,
+                                              multi_label, all_channel[i] if work.channel else None)
             ranked = tasks.rank_labels(spec.labels, probs)
             chosen = [lab for lab, p in ranked if p >= threshold] if multi_label else [ranked[0][0]]
             results.append(Scored(ranked[0][0], chosen, ranked, len(prompt), model=adapter))
             self._count(endpoint, "scored")
         return results
 
-    def _zero_shot_jobs(self, texts: list[str], spec: tasks.ClassifySpec, with_prior: bool
-                        ) -> tuple[list[ScoreJob], list[ScoreJob]]:
-        """(prompt, label continuations) per text, and per content-free prompt when the label set's prior
-        is still to be scored; tokenizing runs in a worker thread, not on the event loop."""
+    def _zero_shot_jobs(self, texts: list[str], spec: tasks.ClassifySpec, calibration: tasks.Calibration,
+                        multi_label: bool, with_prior: bool) -> ZeroShotWork:
+        """What scoring `texts` takes (tokenizing runs in a worker thread, not on the event loop); each
+        prompt and continuation is checked against the context length."""
         tok, system = self.tokenizer, self.settings.default_system_prompt
         conts = tasks.label_continuations(tok, spec)
-        jobs = []
+        direct, channel = tasks.needs_direct(calibration, multi_label), tasks.needs_channel(calibration, multi_label)
+        work = ZeroShotWork(conts=conts, channel_prompts=tasks.channel_prompts(tok, spec, system) if channel else [])
         for text in texts:
             try:
                 prompt = tasks.render_prompt(tok, spec.messages(text), system)
+                cont = tasks.channel_continuation(tok, text) if channel else []
             except tasks.TaskError as exc:
                 raise InvalidRequest(str(exc), param=exc.param) from None
             self.check_length(len(prompt), max(len(c) for c in conts), "text")
-            jobs.append((prompt, conts))
-        free = [(p, conts) for p in tasks.content_free_prompts(tok, spec, system)] if with_prior else []
-        return jobs, free
-
-    async def _score(self, request: Request, jobs: list[ScoreJob],
-                     endpoint: str, slots: int, adapter: str | None = None) -> list[list[float]]:
-        """engine.score for every (prompt, continuations) job, on the engine thread, within the deadline."""
-        return await self._classify_work(request, lambda: self.client.score_each(jobs, adapter), slots, endpoint,
-                                         prompt_tokens=sum(len(p) for p, _ in jobs))
+            work.prompts.append(prompt)
+            if direct:
+                work.jobs.append((prompt, conts))
+            if channel:
+                self.check_length(max(len(p) for p in work.channel_prompts), len(cont), "text")
+                work.channel.append(cont)
+        work.free = [(p, conts) for p in tasks.content_free_prompts(tok, spec, system)] if with_prior else []
+        return work
 
     async def _classify_work(self, request: Request, start: Callable[[], Awaitable[T]], slots: int,
                              endpoint: str, prompt_tokens: int) -> T:

@@ -165,25 +165,54 @@ MAX_EXAMPLES = 64  # few-shot examples per request, all labels together (the pro
 
 
 class Calibration(str, Enum):
-    """How a label's log-likelihood becomes its score (chosen on validation data, docs/classify.md).
+    """How a label's scores become its probability (chosen on validation data, docs/classify.md).
 
+    direct: the log-likelihood of the label as the answer to the classify prompt (`label_continuations`)
     none        sum log p(answer | prompt): favours short, frequent labels and whatever the prompt primes
     mean        the same per answer token (length-normalised)
     prior       minus the label's log-likelihood after content-free inputs ("N/A", ...): contextual
                 calibration / domain-conditional PMI — removes each label's prior
     prior_mean  `prior` per answer token (length-normalised PMI)
+    channel: the log-likelihood of the text after each label's prompt (`channel_prompts`; the noisy
+    channel of Min et al. 2022: every label explains the same tokens, so no label prior to remove)
+    channel     log p(text | label prompt)
+    channel+prior_mean  log_softmax(channel) + CHANNEL_DIRECT_WEIGHT * log_softmax(prior_mean)
     """
 
     NONE = "none"
     MEAN = "mean"
     PRIOR = "prior"
     PRIOR_MEAN = "prior_mean"
+    CHANNEL = "channel"
+    CHANNEL_PRIOR_MEAN = "channel+prior_mean"
 
 
-PRIOR_CALIBRATIONS = (Calibration.PRIOR, Calibration.PRIOR_MEAN)
+PRIOR_CALIBRATIONS = (Calibration.PRIOR, Calibration.PRIOR_MEAN, Calibration.CHANNEL_PRIOR_MEAN)
+CHANNEL_CALIBRATIONS = (Calibration.CHANNEL, Calibration.CHANNEL_PRIOR_MEAN)
 # what the server uses; chosen on validation splits with `training.evaluate` (docs/classify.md)
-DEFAULT_CALIBRATION = Calibration.PRIOR_MEAN
+DEFAULT_CALIBRATION = Calibration.CHANNEL_PRIOR_MEAN
+CHANNEL_DIRECT_WEIGHT = 1.0  # the direct scores' weight in channel+prior_mean (validation, docs/classify.md)
 LIST_LABELS_UP_TO = 0  # the prompt names the labels when there are at most this many (else: only their answers)
+CHANNEL_REQUEST = "Write a short message about: {label}"  # the label's prompt; the text is its answer
+CHANNEL_MAX_TOKENS = 64  # the text's first tokens scored after each label prompt (cost: labels x tokens)
+
+
+def needs_direct(calibration: Calibration, multi_label: bool = False) -> bool:
+    """Whether scoring needs the direct log-likelihoods (multi_label always does: its per-label
+    probability comes from the direct per-token score)."""
+    return multi_label or Calibration(calibration) != Calibration.CHANNEL
+
+
+def needs_prior(calibration: Calibration, multi_label: bool = False) -> bool:
+    """Whether scoring needs the content-free prior (multi_label: for every calibration that removes
+    label priors, the channel ones included)."""
+    cal = Calibration(calibration)
+    return cal in PRIOR_CALIBRATIONS or (multi_label and cal == Calibration.CHANNEL)
+
+
+def needs_channel(calibration: Calibration, multi_label: bool = False) -> bool:
+    """Whether scoring needs the channel log-likelihoods (not for multi_label, which is direct only)."""
+    return not multi_label and Calibration(calibration) in CHANNEL_CALIBRATIONS
 
 
 def label_text(label: str) -> str:
@@ -279,15 +308,44 @@ def content_free_prompts(tokenizer: Tokenizer, spec: ClassifySpec, system_prompt
     return [render_prompt(tokenizer, spec._messages(text), system_prompt) for text in CONTENT_FREE_TEXTS]
 
 
+def channel_prompts(tokenizer: Tokenizer, spec: ClassifySpec, system_prompt: str | None = None) -> list[list[int]]:
+    """Per label (spec order), the prompt the text is scored after in the channel direction: a request
+    for a message about the label (and its description, when the request gives one)."""
+    described = dict(spec.descriptions)
+    out = []
+    for lab in spec.labels:
+        topic = label_text(lab) + (f" ({described[lab]})" if lab in described else "")
+        out.append(render_prompt(tokenizer, [{"role": "user", "content": CHANNEL_REQUEST.format(label=topic)}],
+                                 system_prompt))
+    return out
+
+
+def channel_continuation(tokenizer: Tokenizer, text: str) -> list[int]:
+    """What the channel direction scores after each label prompt: the text's first CHANNEL_MAX_TOKENS
+    tokens, then <|im_end|> when the text ended within them."""
+    ids = tokenizer.encode(_require_text(text))
+    return ids[:CHANNEL_MAX_TOKENS] if len(ids) > CHANNEL_MAX_TOKENS else ids + [tokenizer.im_end_id]
+
+
 def content_free_prior(logliks: Sequence[Sequence[float]]) -> list[float]:
     """Per label: log of the mean probability of its answer over the content-free inputs."""
     return [_logmeanexp(column) for column in zip(*logliks, strict=True)]
 
 
-def label_scores(loglik: Sequence[float], lengths: Sequence[int], prior: Sequence[float] | None,
-                 calibration: Calibration) -> list[float]:
-    """Calibrated scores (higher is better), one per label; see `Calibration`."""
+def label_scores(loglik: Sequence[float] | None, lengths: Sequence[int], prior: Sequence[float] | None,
+                 calibration: Calibration, channel: Sequence[float] | None = None) -> list[float]:
+    """Calibrated scores (higher is better), one per label; see `Calibration`. `loglik` (the direct
+    log-likelihoods) may be None for `channel`; `channel` is needed by the channel calibrations."""
     cal = Calibration(calibration)
+    if cal in CHANNEL_CALIBRATIONS:
+        if channel is None:
+            raise ValueError(f"calibration {cal.value!r} needs the channel log-likelihoods")
+        if cal == Calibration.CHANNEL:
+            return list(channel)
+        direct = _log_softmax(label_scores(loglik, lengths, prior, Calibration.PRIOR_MEAN))
+        return [c + CHANNEL_DIRECT_WEIGHT * d for c, d in zip(_log_softmax(channel), direct, strict=True)]
+    if loglik is None:
+        raise ValueError(f"calibration {cal.value!r} needs the direct log-likelihoods")
     if cal in PRIOR_CALIBRATIONS:
         if prior is None:
             raise ValueError(f"calibration {cal.value!r} needs the content-free prior")
@@ -297,21 +355,20 @@ def label_scores(loglik: Sequence[float], lengths: Sequence[int], prior: Sequenc
     return list(loglik)
 
 
-def label_probabilities(loglik: Sequence[float], lengths: Sequence[int], prior: Sequence[float] | None,
-                        calibration: Calibration, multi_label: bool = False) -> list[float]:
+def label_probabilities(loglik: Sequence[float] | None, lengths: Sequence[int], prior: Sequence[float] | None,
+                        calibration: Calibration, multi_label: bool = False,
+                        channel: Sequence[float] | None = None) -> list[float]:
     """Single-label: softmax over the calibrated scores (sums to 1). Multi-label: each label on its own,
-    from its per-token score: exp(mean log p) in (0, 1] without a prior; with one, the sigmoid of the
-    per-token PMI, where 0.5 means "the text makes this label no likelier than no text does"."""
+    from its direct per-token score: exp(mean log p) in (0, 1] without a prior; with one, the sigmoid
+    of the per-token PMI, where 0.5 means "the text makes this label no likelier than no text does"."""
     cal = Calibration(calibration)
     if multi_label:
-        with_prior = cal in PRIOR_CALIBRATIONS
+        assert loglik is not None, "multi_label needs the direct log-likelihoods"
+        with_prior = needs_prior(cal, multi_label=True)
         per_token = label_scores(loglik, lengths, prior, Calibration.PRIOR_MEAN if with_prior else Calibration.MEAN)
         return [_sigmoid(s) if with_prior else math.exp(s) for s in per_token]
-    scores = label_scores(loglik, lengths, prior, cal)
-    top = max(scores)
-    exps = [math.exp(s - top) for s in scores]
-    total = sum(exps)
-    return [e / total for e in exps]
+    scores = label_scores(loglik, lengths, prior, cal, channel)
+    return [math.exp(v) for v in _log_softmax(scores)]
 
 
 def rank_labels(labels: Sequence[str], probs: Sequence[float]) -> list[tuple[str, float]]:
@@ -321,6 +378,12 @@ def rank_labels(labels: Sequence[str], probs: Sequence[float]) -> list[tuple[str
 
 def _sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+def _log_softmax(values: Sequence[float]) -> list[float]:
+    top = max(values)
+    log_total = top + math.log(sum(math.exp(v - top) for v in values))
+    return [v - log_total for v in values]
 
 
 def _logmeanexp(values: Sequence[float]) -> float:

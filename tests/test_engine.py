@@ -275,6 +275,48 @@ def test_score_steps_reject_bad_input_before_any_forward(model):
             engine.score_steps(prompt, conts)
 
 
+def test_score_after_matches_oracle_log_likelihood(model, prompts, monkeypatch):
+    """One continuation after each of many prompts (/classify's channel scoring): the full-recompute
+    oracle's log-likelihood, whether the prompts' K/V are kept (the second call reuses them) or too
+    large to keep (rebuilt per group)."""
+    from model.engine import model_runner
+
+    engine = make_engine(model)
+    prompt_set = [p[:n] for p, n in zip(prompts, [5, 30, 17, 12, 40, 9, 25, 33, 3, 6, 21, 28, 12, 7, 45, 19,
+                                                   8, 11], strict=False)]
+    prompt_set += [prompts[0][:4], prompts[2][:13]]  # 18 prompts: two packed groups of 16
+    with torch.inference_mode():
+        def oracle(cont: list[int]) -> list[float]:
+            out = []
+            for p in prompt_set:
+                logp = torch.log_softmax(model(torch.tensor([p + cont]))[0].double(), -1)
+                out.append(sum(float(logp[len(p) - 1 + j, t]) for j, t in enumerate(cont)))
+            return out
+
+        for cont in ([3, 9, 27, 4], [11], prompts[5]):
+            want = oracle(cont)
+            for got in (engine.score_after(prompt_set, cont), engine.score_after(prompt_set, cont)):
+                assert max(abs(g - w) for g, w in zip(got, want, strict=True)) < 1e-3
+        assert len(engine.runner._banks) == 1  # one prompt set, kept
+        # piecewise, as the server runs it between engine steps: 2 prompt groups, then 2 continuation groups
+        steps, pieces = make_engine(model).score_after_steps(prompt_set, [3, 9, 27, 4]), 0
+        while True:
+            try:
+                next(steps)
+                pieces += 1
+            except StopIteration as done:
+                assert done.value == pytest.approx(oracle([3, 9, 27, 4]), abs=1e-3)
+                break
+        assert pieces == 3
+        monkeypatch.setattr(model_runner, "PROMPT_BANK_BYTES", 0)
+        fresh = make_engine(model)
+        got = fresh.score_after(prompt_set, [3, 9, 27, 4])
+        assert max(abs(g - w) for g, w in zip(got, oracle([3, 9, 27, 4]), strict=True)) < 1e-3
+        assert not fresh.runner._banks
+    with pytest.raises(PromptTooLong):
+        engine.score_after([prompts[1]], prompts[8])
+
+
 def test_logprobs_are_reported(model, prompts):
     out = make_engine(model).generate([prompts[0]], SamplingParams(max_tokens=4, temperature=0, logprobs=3))[0]
     assert out.logprobs is not None

@@ -33,6 +33,7 @@ class RecordingClient:
 
     def __init__(self) -> None:
         self.jobs: list[tuple[list[int], list[list[int]]]] = []
+        self.after: list[tuple[list[list[int]], list[int]]] = []  # channel: (label prompts, continuation)
 
     def reserve(self, n: int) -> contextlib.nullcontext[None]:
         return contextlib.nullcontext()
@@ -41,6 +42,10 @@ class RecordingClient:
                          ) -> list[list[float]]:
         self.jobs += jobs
         return [[-float(i + 1) for i in range(len(conts))] for _, conts in jobs]
+
+    async def score_after(self, prompts: list[list[int]], continuation: list[int]) -> list[float]:
+        self.after.append((prompts, continuation))
+        return [-float(i + 1) for i in range(len(prompts))]
 
 
 class ConnectedRequest:
@@ -61,6 +66,10 @@ def serving_prompts(checkpoint: Path, tokenizer: Any, task: str, record: dict[st
     if task == tasks.TRANSLATE:
         return svc.chat_prompt(tasks.translate_messages(record["src"], record["tgt_lang"], record["src_lang"])), None
     asyncio.run(svc.classify(ConnectedRequest(), [record["text"]], labels, False, 0.5))  # type: ignore[arg-type]
+    if tasks.needs_channel(tasks.DEFAULT_CALIBRATION):  # the channel direction: the evaluator's too
+        spec = tasks.ClassifySpec.build(labels)
+        assert recorder.after == [(tasks.channel_prompts(tokenizer, spec), tasks.channel_continuation(tokenizer,
+                                                                                                  record["text"]))]
     return recorder.jobs[0]
 
 
@@ -176,6 +185,48 @@ def test_calibrations_against_hand_values() -> None:
         pytest.approx([math.log(0.4), -1.0])
     with pytest.raises(ValueError, match="prior"):
         tasks.label_scores(ll, lengths, None, tasks.Calibration.PRIOR)
+
+
+def test_channel_calibrations_against_hand_values() -> None:
+    """channel: the text's log-likelihood after each label's prompt; channel+prior_mean adds the direct
+    prior_mean scores, both as log-softmax over the labels, the direct ones weighted."""
+    ll, lengths, prior, channel = [-2.0, -6.0], [1, 4], [-1.0, -8.0], [-30.0, -29.0]
+    assert tasks.label_scores(None, lengths, None, tasks.Calibration.CHANNEL, channel) == channel
+    direct = [-1.0, 0.5]  # prior_mean
+    ls = lambda v: [x - math.log(sum(math.exp(y) for y in v)) for x in v]  # noqa: E731
+    want = [c + tasks.CHANNEL_DIRECT_WEIGHT * d for c, d in zip(ls(channel), ls(direct), strict=True)]
+    got = tasks.label_scores(ll, lengths, prior, tasks.Calibration.CHANNEL_PRIOR_MEAN, channel)
+    assert got == pytest.approx(want)
+    assert sum(tasks.label_probabilities(ll, lengths, prior, tasks.Calibration.CHANNEL_PRIOR_MEAN,
+                                         channel=channel)) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="channel"):
+        tasks.label_scores(ll, lengths, prior, tasks.Calibration.CHANNEL)
+    # multi_label stays direct (a channel score has no "as likely as no text" point): the prior PMI
+    assert tasks.label_probabilities(ll, lengths, prior, tasks.Calibration.CHANNEL, multi_label=True) == \
+        pytest.approx([1 / (1 + math.e), 1 / (1 + math.e ** -0.5)])
+    assert tasks.needs_channel(tasks.Calibration.CHANNEL) and not tasks.needs_channel(tasks.Calibration.CHANNEL, True)
+    assert not tasks.needs_direct(tasks.Calibration.CHANNEL) and tasks.needs_direct(tasks.Calibration.CHANNEL, True)
+    assert tasks.needs_prior(tasks.Calibration.CHANNEL_PRIOR_MEAN) and not tasks.needs_prior(tasks.Calibration.CHANNEL)
+
+
+def test_channel_prompts_and_continuation(app_checkpoint: Path) -> None:  # noqa: F811
+    from model.checkpoint import load_checkpoint
+
+    tok = load_checkpoint(app_checkpoint).tokenizer
+    spec = tasks.ClassifySpec.build(["top_up_failed", "card"], descriptions={"card": "plastic"})
+    prompts = tasks.channel_prompts(tok, spec)
+    assert prompts == tasks.channel_prompts(tok, tasks.ClassifySpec.build(["card", "top_up_failed"],
+                                                                          descriptions={"card": "plastic"}))
+    assert prompts[0] == tasks.render_prompt(tok, [{"role": "user", "content": "Write a short message about: card "
+                                                                               "(plastic)"}])
+    assert prompts[1] == tasks.render_prompt(tok, [{"role": "user", "content": "Write a short message about: top "
+                                                                               "up failed"}])
+    short = tasks.channel_continuation(tok, " hi there ")
+    assert short == tok.encode("hi there") + [tok.im_end_id]  # the whole text, then its end
+    long = tasks.channel_continuation(tok, "word " * 200)
+    assert long == tok.encode(("word " * 200).strip())[:tasks.CHANNEL_MAX_TOKENS]  # cut: no end token
+    with pytest.raises(tasks.TaskError):
+        tasks.channel_continuation(tok, "  ")
 
 
 def test_length_rule() -> None:

@@ -63,6 +63,9 @@ class EvaluateConfig:
                                       + ", ".join(c.value for c in tasks.Calibration) + " (model/tasks.py)")
     classify_list_labels: str = field("auto", help="name every label in the classify prompt: yes, no, or auto "
                                       "(as the server: when there are at most model.tasks.LIST_LABELS_UP_TO)")
+    classify_channel: str = field("yes", help="also score the channel direction (the text after each label's "
+                                  "prompt; the channel calibrations need it): yes or no (the direct ones only, "
+                                  "~1/4 of the compute on Banking77)")
     limit: int = field(200, help="examples per task (a seeded random sample of N; 0 = all)")
     max_new_tokens: int = field(64, help="generation budget for summarize / translate")
     ppl_window: int = field(256, help="tokens per perplexity window")
@@ -70,6 +73,8 @@ class EvaluateConfig:
     max_model_len: int = field(2048, help="engine: prompt + output tokens per sequence")
     seed: int = field(0, help="seed for sampling the evaluated examples and the label candidates")
     device: str = field("auto", help="auto, cpu, cuda")
+    quantize: str = field("auto", help="serving variant, as the server's SEEDLING_QUANTIZE: auto (q4 on a CPU "
+                          "with the native kernels, ~3x fp32's scoring speed), none, int8, w8a8 or q4")
     threads: int = field(0, help="CPU threads for torch (0 = torch default)")
 
 
@@ -166,66 +171,90 @@ def eval_translate(engine: Any, tokenizer: Any, path: str, limit: int, max_new: 
 
 
 @dataclass
+class LabelScores:
+    """Everything a calibration needs for one text, in `spec.labels` order."""
+    loglik: list[float]  # direct: log p(label answer | classify prompt)
+    lengths: list[int]  # answer tokens per label
+    prior: list[float]  # the label set's content-free prior
+    channel: list[float] | None  # log p(text | label prompt), None when not scored
+
+    def probabilities(self, calibration: tasks.Calibration) -> list[float]:
+        return tasks.label_probabilities(self.loglik, self.lengths, self.prior, calibration, channel=self.channel)
+
+
+@dataclass
 class Classifier:
-    """The /classify scoring offline: the same `model.tasks` prompt, continuations, content-free prior
-    and calibration as the server, through engine.score. Priors are cached per label set, as the
-    server caches them."""
+    """The /classify scoring offline: the same `model.tasks` prompts, continuations, content-free prior,
+    channel prompts and calibration as the server, through the engine's score / score_after. Priors are
+    cached per label set, as the server caches them (and the engine keeps the channel prompts' K/V)."""
 
     engine: Any
     tokenizer: Any
     list_labels: bool | None = None  # None: as the server (model.tasks.LIST_LABELS_UP_TO)
+    channel: bool = True  # also score the channel direction (every calibration is then reported)
     priors: dict[tasks.ClassifySpec, list[float]] = dataclasses.field(default_factory=dict)
 
     def spec(self, labels: list[str]) -> tasks.ClassifySpec:
         return tasks.ClassifySpec.build(labels, list_labels=self.list_labels)
 
     @torch.inference_mode()
-    def logliks(self, spec: tasks.ClassifySpec, text: str) -> tuple[list[float], list[int], list[float]]:
-        """(log-likelihood per label, answer tokens per label, content-free prior per label), in
-        `spec.labels` order. Raises ContextTooLong when the prompt + the longest answer do not fit."""
+    def logliks(self, spec: tasks.ClassifySpec, text: str) -> LabelScores:
+        """The text's label scores. Raises ContextTooLong when a prompt + its longest continuation do
+        not fit."""
         conts = tasks.label_continuations(self.tokenizer, spec)
         prompt = tasks.render_prompt(self.tokenizer, spec.messages(text))
-        tasks.check_length(len(prompt), self.engine.config.max_model_len, max(len(c) for c in conts), "text")
+        max_len = self.engine.config.max_model_len
+        tasks.check_length(len(prompt), max_len, max(len(c) for c in conts), "text")
+        channel = None
+        if self.channel:
+            c_prompts = tasks.channel_prompts(self.tokenizer, spec)
+            cont = tasks.channel_continuation(self.tokenizer, text)
+            tasks.check_length(max(len(p) for p in c_prompts), max_len, len(cont), "text")
+            channel = self.engine.score_after(c_prompts, cont)
         if spec not in self.priors:
             free = tasks.content_free_prompts(self.tokenizer, spec)
             self.priors[spec] = tasks.content_free_prior([self.engine.score(p, conts) for p in free])
-        return self.engine.score(prompt, conts), [len(c) for c in conts], self.priors[spec]
+        return LabelScores(self.engine.score(prompt, conts), [len(c) for c in conts], self.priors[spec], channel)
 
     def classify(self, text: str, labels: list[str], calibration: tasks.Calibration = tasks.DEFAULT_CALIBRATION
                  ) -> tuple[str, list[float]]:
         """The best label and every label's probability, in the caller's `labels` order."""
         spec = self.spec(labels)
-        ll, lengths, prior = self.logliks(spec, text)
-        probs = dict(zip(spec.labels, tasks.label_probabilities(ll, lengths, prior, calibration), strict=True))
+        probs = dict(zip(spec.labels, self.logliks(spec, text).probabilities(calibration), strict=True))
         return tasks.rank_labels(spec.labels, list(probs.values()))[0][0], [probs[lab.strip()] for lab in labels]
 
 
 def eval_classify(classifier: Classifier, path: str, limit: int, labels: list[str], candidates: int,
                   seed: int, calibration: tasks.Calibration, log: Path | None = None) -> dict[str, Any]:
     """Accuracy and macro-F1 of `calibration`, plus the accuracy of every calibration on the same
-    log-likelihoods (to choose one on a validation split at the cost of one). `log` gets one JSON line
-    per example as it is scored (gold and each calibration's prediction), so a long run that is
-    stopped early still shows what it measured."""
+    scores (to choose one on a validation split at the cost of one; the channel ones only when the
+    classifier scores the channel direction). `log` gets one JSON line per example as it is scored
+    (gold, each calibration's prediction, the raw scores), so a long run that is stopped early still
+    shows what it measured."""
     recs = _records(path, limit, seed)
     rng = random.Random(seed)
     rng.shuffle(recs)  # label-sorted files: any prefix of the log is then a fair sample too
+    cals = [c for c in tasks.Calibration if classifier.channel or c not in tasks.CHANNEL_CALIBRATIONS]
+    if tasks.Calibration(calibration) not in cals:
+        raise TrainingError(f"calibration {tasks.Calibration(calibration).value} needs the channel scores "
+                            "(--classify_channel yes)")
     gold: list[str] = []
-    preds: dict[tasks.Calibration, list[str]] = {cal: [] for cal in tasks.Calibration}
+    preds: dict[tasks.Calibration, list[str]] = {cal: [] for cal in cals}
     skipped, t0 = 0, time.perf_counter()
     sink = log.open("w", encoding="utf-8") if log else None
     for r in recs:
         spec = classifier.spec(candidate_labels(str(r["label"]), labels, candidates, rng))
         try:
-            ll, lengths, prior = classifier.logliks(spec, r["text"])
+            scores = classifier.logliks(spec, r["text"])
         except tasks.ContextTooLong:
             skipped += 1
             continue
         gold.append(str(r["label"]))
-        for cal in tasks.Calibration:
-            probs = tasks.label_probabilities(ll, lengths, prior, cal)
-            preds[cal].append(tasks.rank_labels(spec.labels, probs)[0][0])
+        for cal in cals:
+            preds[cal].append(tasks.rank_labels(spec.labels, scores.probabilities(cal))[0][0])
         if sink:
-            sink.write(json.dumps({"gold": gold[-1], **{c.value: p[-1] for c, p in preds.items()}}) + "\n")
+            sink.write(json.dumps({"gold": gold[-1], **{c.value: p[-1] for c, p in preds.items()},
+                                   "labels": list(spec.labels), "scores": dataclasses.asdict(scores)}) + "\n")
             sink.flush()
     if sink:
         sink.close()
@@ -277,9 +306,9 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     try:
         path = resolve_checkpoint(cfg.checkpoint)
-        served = load_for_serving(path, device=device, dtype=torch.float32,
+        served = load_for_serving(path, device=device, dtype=torch.float32, quantize=cfg.quantize,
                                   adapters=[cfg.adapter] if cfg.adapter else None)
-    except (CheckpointError, AdapterError) as e:
+    except (CheckpointError, AdapterError, ValueError) as e:
         raise TrainingError(str(e)) from e
     if not any((cfg.perplexity, cfg.summarize, cfg.translate, cfg.classify)):
         raise TrainingError("nothing to evaluate: pass --perplexity, --summarize, --translate or --classify")
@@ -305,7 +334,9 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
         labels = classification_labels(cfg, served.meta)
         if cfg.classify_list_labels not in LIST_LABELS:
             raise TrainingError(f"--classify_list_labels must be one of {sorted(LIST_LABELS)}")
-        classifier = Classifier(engine, tok, LIST_LABELS[cfg.classify_list_labels])
+        if cfg.classify_channel not in ("yes", "no"):
+            raise TrainingError("--classify_channel must be yes or no")
+        classifier = Classifier(engine, tok, LIST_LABELS[cfg.classify_list_labels], cfg.classify_channel == "yes")
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
         results["classify"] = eval_classify(classifier, cfg.classify, cfg.limit, labels, cfg.classify_candidates,
                                             cfg.seed, tasks.Calibration(cfg.classify_calibration),
@@ -314,7 +345,8 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
         print(f"classify: accuracy {r['accuracy']:.4f}  macro-F1 {r['macro_f1']:.4f} over {r['examples']} examples, "
               f"{r['candidates_per_example']} candidate labels each ({r['calibration']}); by calibration: "
               f"{r['accuracy_by_calibration']}")
-    report = {"checkpoint": str(path), "adapter": cfg.adapter or None, "device": str(device), "config": config_dict(cfg), "results": results,
+    report = {"checkpoint": str(path), "adapter": cfg.adapter or None, "device": str(device),
+              "serving_path": served.model.capabilities.path, "config": config_dict(cfg), "results": results,
               "seconds": round(time.perf_counter() - t0, 1)}
     out = Path(cfg.out_dir)
     write_json(out / "report.json", report)

@@ -262,6 +262,32 @@ class LLMEngine:
         finally:
             self.runner.adapters.release(key)
 
+    def score_after(self, prompts: list[list[int]], continuation: list[int], adapter: str | None = None
+                    ) -> list[float]:
+        """Sum of log p(continuation | prompt) for each prompt (/classify's channel scoring: a text after
+        each label's prompt), under `adapter` (None: the base model). The prompts' K/V are kept between
+        calls, so scoring many texts after the same prompts pays for the prompts once."""
+        return run_to_end(self.score_after_steps(prompts, continuation, adapter))
+
+    def score_after_steps(self, prompts: list[list[int]], continuation: list[int], adapter: str | None = None
+                          ) -> Generator[None, None, list[float]]:
+        """`score_after` as a generator of forwards (`ModelRunner.score_after_steps`), for a caller that
+        interleaves them with `step()`. Bad input raises here, not at the first piece."""
+        if not prompts or any(not p for p in prompts) or not continuation:
+            raise RequestRejected("scoring needs non-empty prompts and a non-empty continuation")
+        longest = max(len(p) for p in prompts) + len(continuation)
+        if longest > self.config.max_model_len:
+            raise PromptTooLong(longest, self.config.max_model_len + 1)
+        return self._score_after_pieces(prompts, continuation, adapter)
+
+    def _score_after_pieces(self, prompts: list[list[int]], continuation: list[int], adapter: str | None
+                            ) -> Generator[None, None, list[float]]:
+        key = self.runner.adapters.acquire(adapter)  # released however the generator ends (closed included)
+        try:
+            return (yield from self.runner.score_after_steps(prompts, continuation, key=key))
+        finally:
+            self.runner.adapters.release(key)
+
     # ----------------------------------------------------------------------------- adapters
     def add_adapter(self, name: str, model: InferenceModel) -> None:
         """Serve `model` (the base merged with a LoRA adapter, model.inference.adapt_for_serving) as

@@ -7,7 +7,9 @@ group is one forward over its own cache rows, so requests for different adapters
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Generator
+from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
@@ -20,6 +22,18 @@ from model.grammar import mask_logits
 from model.inference import InferenceModel
 from model.kv_cache import KVCache
 from model.sampling import sample_next, top_logprobs
+
+PROMPT_BANKS = 2  # prompt sets whose K/V score_after keeps (LRU): one per label set in use
+PROMPT_BANK_BYTES = 256 << 20  # a larger prompt set is recomputed per call instead of kept
+
+
+@dataclass
+class PromptBank:
+    """K/V of several prompts (one cache row each, right-padded to the longest) and the log-probs of
+    the token after each: what score_after reuses for every continuation scored after them."""
+    cache: KVCache  # (layers, n, kv_heads, longest prompt, head_dim)
+    lengths: list[int]
+    first: torch.Tensor  # (n, vocab) log p(next token | prompt)
 
 
 class ModelRunner:
@@ -34,6 +48,7 @@ class ModelRunner:
         # with CUDA graphs one more cache row takes the padding rows' K/V (never a sequence's slot)
         self.cache = KVCache(model.config, n_slots + graphs, max_seq_len, dtype=model.cache_dtype, device=self.device)
         self.decode_graphs = DecodeGraphs(model, self.cache, n_slots, scratch_slot=n_slots) if graphs else None
+        self._banks: OrderedDict[tuple[int, tuple[tuple[int, ...], ...]], PromptBank] = OrderedDict()
 
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk]) -> list[int]:
@@ -158,6 +173,91 @@ class ModelRunner:
                 scores[g + i] += sum(picked[k:k + len(c) - 1])
                 k += len(c) - 1
         return scores
+
+    # ------------------------------------------------------------------ one continuation, many prompts
+    @torch.inference_mode()
+    def score_after(self, prompts: list[list[int]], continuation: list[int], group: int = 16, key: int = BASE
+                    ) -> list[float]:
+        """Sum of log p(continuation | prompt) for each prompt under model `key` (`score_after_steps` run
+        to the end)."""
+        return run_to_end(self.score_after_steps(prompts, continuation, group, key))
+
+    def score_after_steps(self, prompts: list[list[int]], continuation: list[int], group: int = 16,
+                          key: int = BASE) -> Generator[None, None, list[float]]:
+        """`score_after` one forward at a time (yielding between them): /classify's channel direction, a
+        text's likelihood after each label's prompt. The prompts run once and their K/V are kept
+        (PromptBank, LRU of PROMPT_BANKS sets), so the next continuation after the same prompts costs
+        only its own tokens: len(prompts) rows of len(continuation) - 1 tokens, packed `group` rows per
+        forward in a scratch cache (never a serving slot)."""
+        bank = yield from self._bank(prompts, key, group)
+        scores: list[float] = []
+        for g in range(0, len(prompts), group):
+            n = min(group, len(prompts) - g)
+            if bank is None:  # too large to keep: this group's prompts now, dropped after
+                part = yield from self._build_bank(prompts[g:g + n], key, group)
+                scores += self._continue(part, 0, n, continuation, key)
+            else:
+                scores += self._continue(bank, g, n, continuation, key)
+            if g + n < len(prompts):
+                yield
+        return scores
+
+    def _continue(self, bank: PromptBank, lo: int, n: int, continuation: list[int], key: int) -> list[float]:
+        """log p(continuation | prompt) for the bank's rows lo..lo+n-1: one forward of n * (C-1) tokens."""
+        first = bank.first[lo:lo + n, continuation[0]].tolist()
+        C = len(continuation)
+        if C == 1:
+            return first
+        lengths = bank.lengths[lo:lo + n]
+        P = max(lengths)
+        scratch = KVCache(self.model.config, n, P + C - 1, dtype=self.model.cache_dtype, device=self.device)
+        # a shorter prompt's padding positions are written by its continuation before anything reads them
+        scratch.k[:, :, :, :P] = bank.cache.k[:, lo:lo + n, :, :P]
+        scratch.v[:, :, :, :P] = bank.cache.v[:, lo:lo + n, :, :P]
+        feed = continuation[:-1] * n
+        positions = [length + i for length in lengths for i in range(C - 1)]
+        batch = scratch.batch(list(range(n)), lengths, [C - 1] * n)
+        logp = self.adapters.model(key)(
+            torch.tensor([feed], device=self.device), torch.tensor([positions], device=self.device),
+            kv_cache=batch).float().log_softmax(-1)[0]  # (n * (C-1), V)
+        targets = torch.tensor(continuation[1:] * n, device=self.device)
+        picked = logp.gather(1, targets[:, None])[:, 0].view(n, C - 1).sum(1).tolist()
+        return [f + p for f, p in zip(first, picked, strict=True)]
+
+    def _bank(self, prompts: list[list[int]], key: int, group: int) -> Generator[None, None, PromptBank | None]:
+        """The kept PromptBank of these prompts (built on first use), or None when it would exceed
+        PROMPT_BANK_BYTES (score_after then builds one per group and drops it)."""
+        ident = (key, tuple(tuple(p) for p in prompts))
+        if ident in self._banks:
+            self._banks.move_to_end(ident)
+            return self._banks[ident]
+        longest = max(len(p) for p in prompts)
+        if KVCache.bytes_needed(self.model.config, len(prompts), longest, self.model.cache_dtype) > PROMPT_BANK_BYTES:
+            return None
+        bank = yield from self._build_bank(prompts, key, group)
+        self._banks[ident] = bank
+        while len(self._banks) > PROMPT_BANKS:
+            self._banks.popitem(last=False)
+        return bank
+
+    def _build_bank(self, prompts: list[list[int]], key: int, group: int) -> Generator[None, None, PromptBank]:
+        """Run `prompts` (packed, `group` per forward, yielding between forwards) into a cache of their
+        own: one row each."""
+        model = self.adapters.model(key)
+        lengths = [len(p) for p in prompts]
+        cache = KVCache(self.model.config, len(prompts), max(lengths), dtype=self.model.cache_dtype,
+                        device=self.device)
+        first = []
+        for g in range(0, len(prompts), group):
+            part = prompts[g:g + group]
+            tokens = [t for p in part for t in p]
+            positions = [i for p in part for i in range(len(p))]
+            ends = torch.tensor(lengths[g:g + group], device=self.device).cumsum(0) - 1
+            batch = cache.batch(list(range(g, g + len(part))), [0] * len(part), lengths[g:g + group])
+            first.append(model(torch.tensor([tokens], device=self.device), torch.tensor([positions], device=self.device),
+                               kv_cache=batch, logits_index=ends).float().log_softmax(-1))  # (len(part), V)
+            yield
+        return PromptBank(cache, lengths, torch.cat(first))
 
 
 T = TypeVar("T")
