@@ -43,7 +43,8 @@ class RecordingClient:
         self.jobs += jobs
         return [[-float(i + 1) for i in range(len(conts))] for _, conts in jobs]
 
-    async def score_after(self, prompts: list[list[int]], continuation: list[int]) -> list[float]:
+    async def score_after(self, prompts: list[list[int]], continuation: list[int], adapter: str | None = None
+                          ) -> list[float]:
         self.after.append((prompts, continuation))
         return [-float(i + 1) for i in range(len(prompts))]
 
