@@ -191,7 +191,7 @@ PRIOR_CALIBRATIONS = (Calibration.PRIOR, Calibration.PRIOR_MEAN, Calibration.CHA
 CHANNEL_CALIBRATIONS = (Calibration.CHANNEL, Calibration.CHANNEL_PRIOR_MEAN)
 # what the server uses; chosen on validation splits with `training.evaluate` (docs/classify.md)
 DEFAULT_CALIBRATION = Calibration.CHANNEL_PRIOR_MEAN
-CHANNEL_DIRECT_WEIGHT = 1.0  # the direct scores' weight in channel+prior_mean (validation, docs/classify.md)
+CHANNEL_DIRECT_WEIGHT = 1.5  # the direct scores' weight in channel+prior_mean (validation, docs/classify.md)
 LIST_LABELS_UP_TO = 0  # the prompt names the labels when there are at most this many (else: only their answers)
 CHANNEL_REQUEST = "Write a short message about: {label}"  # the label's prompt; the text is its answer
 CHANNEL_MAX_TOKENS = 64  # the text's first tokens scored after each label prompt (cost: labels x tokens)

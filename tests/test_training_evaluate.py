@@ -42,3 +42,28 @@ def test_classify_one_ranks_by_full_recompute_log_likelihood(tiny_checkpoint: Pa
     want = [math.exp(s) / sum(math.exp(t) for t in pmi) for s in pmi]
     assert dict(zip(spec.labels, want, strict=True)) == pytest.approx(dict(zip(labels, probs, strict=True)))
     assert list(classifier.priors) == [spec]
+
+
+def test_eval_classify_logs_raw_scores_that_rescore_to_the_same_accuracies(tiny_checkpoint: Path,
+                                                                           tmp_path: Path) -> None:
+    """The evaluator reports every calibration (channel ones included) from one scoring pass, logs each
+    example's raw scores, and `--classify_rescore` re-ranks that log with the same code: same numbers."""
+    import json
+
+    from training.evaluate import cli
+
+    data = tmp_path / "data.jsonl"
+    rows = [{"text": t, "label": lab} for t, lab in [("I lost my card", "lost_card"), ("where is my card", "card_arrival"),
+                                                     ("euro to dollar rate", "exchange_rate"), ("card gone", "lost_card")]]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    assert cli(["--checkpoint", str(tiny_checkpoint), "--classify", str(data), "--limit", "0", "--out_dir", str(out),
+                "--max_model_len", "256", "--threads", "1"]) == 0
+    report = json.loads((out / "report.json").read_text())["results"]["classify"]
+    by_cal = report["accuracy_by_calibration"]
+    assert set(by_cal) == {c.value for c in tasks.Calibration} and report["examples"] == 4
+    logged = [json.loads(line) for line in (out / "classify_examples.jsonl").read_text().splitlines()]
+    assert len(logged[0]["scores"]["channel"]) == len(logged[0]["labels"]) == 3
+    from training.evaluate import rescore_classify
+
+    assert rescore_classify(str(out / "classify_examples.jsonl"))["accuracy_by_calibration"] == pytest.approx(by_cal)

@@ -63,6 +63,8 @@ class EvaluateConfig:
                                       + ", ".join(c.value for c in tasks.Calibration) + " (model/tasks.py)")
     classify_list_labels: str = field("auto", help="name every label in the classify prompt: yes, no, or auto "
                                       "(as the server: when there are at most model.tasks.LIST_LABELS_UP_TO)")
+    classify_rescore: str = field("", help="no model: re-rank a run's classify_examples.jsonl (its logged raw scores) "
+                                  "with this code's calibrations and print the accuracy of each")
     classify_channel: str = field("yes", help="also score the channel direction (the text after each label's "
                                   "prompt; the channel calibrations need it): yes or no (the direct ones only, "
                                   "~1/4 of the compute on Banking77)")
@@ -268,6 +270,22 @@ def eval_classify(classifier: Classifier, path: str, limit: int, labels: list[st
             "texts_per_s": round(len(gold) / max(seconds, 1e-9), 3)}
 
 
+def rescore_classify(path: str) -> dict[str, Any]:
+    """Accuracy of every calibration of this code (`LabelScores.probabilities`, what the server runs)
+    on the raw scores an earlier run logged: a calibration constant changed after the run (chosen on a
+    validation split) is measured on a test run without scoring it again."""
+    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not rows:
+        raise TrainingError(f"{path} has no scored examples")
+    cals = [c for c in tasks.Calibration if rows[0]["scores"]["channel"] is not None or c not in tasks.CHANNEL_CALIBRATIONS]
+    correct = dict.fromkeys(cals, 0)
+    for r in rows:
+        scores = LabelScores(**r["scores"])
+        for cal in cals:
+            correct[cal] += tasks.rank_labels(r["labels"], scores.probabilities(cal))[0][0] == r["gold"]
+    return {"examples": len(rows), "accuracy_by_calibration": {c.value: correct[c] / len(rows) for c in cals}}
+
+
 def classification_labels(cfg: EvaluateConfig, meta: dict[str, Any]) -> list[str]:
     if cfg.labels:
         return list(cfg.labels)
@@ -302,6 +320,11 @@ def main(cfg: EvaluateConfig) -> dict[str, Any]:
     from model.engine import EngineConfig, LLMEngine
     from model.inference import load_for_serving
 
+    if cfg.classify_rescore:
+        result = rescore_classify(cfg.classify_rescore)
+        print(f"classify (rescored {cfg.classify_rescore}): {result['examples']} examples; by calibration: "
+              f"{result['accuracy_by_calibration']}")
+        return result
     set_threads(cfg.threads)
     device = resolve_device(cfg.device)
     try:
