@@ -220,6 +220,20 @@ def test_loose_formats_and_optional_groups_compile_exactly(schema: dict[str, Any
     assert [(t, why) for t in texts if (why := _invalid(t.decode(), schema))] == []
 
 
+@pytest.mark.parametrize("vocab", [150, 160, 170])  # model rows fewer than, equal to, more than the bitmask's
+def test_apply_bitmask_numpy_and_torch_paths_agree(vocab: int) -> None:
+    bitmask = torch.randint(-2**31, 2**31 - 1, (3, 5), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    bits = ((bitmask.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1).bool().reshape(3, 160)
+    logits = torch.randn(3, vocab)
+    expected = logits.clone()
+    expected[:, :min(vocab, 160)].masked_fill_(~bits[:, :vocab], float("-inf"))
+    expected[:, 160:] = float("-inf")
+    fast, general = logits.clone(), logits.clone().t().contiguous().t()  # contiguous fp32: numpy; else torch
+    grammar.apply_bitmask(fast, bitmask)
+    grammar.apply_bitmask(general, bitmask)
+    assert torch.equal(fast, expected) and torch.equal(general, expected)
+
+
 def test_ignore_eos_with_response_format_is_refused() -> None:
     with pytest.raises(SamplingError, match="ignore_eos"):
         SamplingParams(ignore_eos=True, response_format=ResponseFormat.json_object())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Generator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -18,7 +19,7 @@ from model.engine.adapter_set import BASE, AdapterSet
 from model.engine.cuda_graphs import DecodeGraphs
 from model.engine.scheduler import ScheduledChunk
 from model.engine.sequence import Sequence, TokenLogprob
-from model.grammar import mask_logits
+from model.grammar import fill_masks, mask_logits
 from model.inference import InferenceModel
 from model.kv_cache import KVCache
 from model.sampling import sample_next, top_logprobs
@@ -49,6 +50,10 @@ class ModelRunner:
         self.cache = KVCache(model.config, n_slots + graphs, max_seq_len, dtype=model.cache_dtype, device=self.device)
         self.decode_graphs = DecodeGraphs(model, self.cache, n_slots, scratch_slot=n_slots) if graphs else None
         self._banks: OrderedDict[tuple[int, tuple[tuple[int, ...], ...]], PromptBank] = OrderedDict()
+        # constrained sequences' token masks are filled on this thread while the forward runs (a mask needs
+        # only the tokens already accepted); False: filled inline after the forward (bench.structured)
+        self.overlap_masks = True
+        self._mask_thread: ThreadPoolExecutor | None = None  # started by the first constrained step
 
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk]) -> list[int]:
@@ -78,9 +83,11 @@ class ModelRunner:
             positions += range(c.start, c.start + c.length)
             if c.samples:
                 logits_index.append(len(tokens) - 1)
+        sampling = [c.seq for c in chunks if c.samples]
+        masks = self._start_masks(sampling)
         if self.decode_graphs is not None and key == BASE and len(tokens) == len(logits_index) == len(chunks):  # pure decode
             logits = self.decode_graphs.run(tokens, [c.seq.slot for c in chunks], positions).float()
-            return self.sample(self._mask_vocab(logits), [c.seq for c in chunks])
+            return self.sample(self._mask_vocab(logits), sampling, masks)
         batch = self.cache.batch([c.seq.slot for c in chunks], [c.start for c in chunks],
                                  [c.length for c in chunks])
         t = torch.tensor([tokens], device=self.device)
@@ -92,20 +99,32 @@ class ModelRunner:
         logits = self._mask_vocab(model(t, p, kv_cache=batch,
                                              logits_index=torch.tensor(logits_index, device=self.device)).float())
         # 3. sample
-        sampling = [c.seq for c in chunks if c.samples]
-        return self.sample(logits, sampling)
+        return self.sample(logits, sampling, masks)
 
     def _mask_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         if self.valid_vocab is not None:
             logits[:, self.valid_vocab:] = float("-inf")
         return logits
 
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+    def _start_masks(self, seqs: list[Sequence]) -> Future[torch.Tensor] | None:
+        """Fill the constrained sequences' masks on the mask thread (None: no constrained sequence, or
+        overlap off). The engine thread touches these matchers again only after `.result()`."""
+        constraints = [s.constraint for s in seqs if s.constraint is not None]
+        if not constraints or not self.overlap_masks:
+            return None
+        if self._mask_thread is None:
+            self._mask_thread = ThreadPoolExecutor(1, thread_name_prefix="seedling-masks")
+        return self._mask_thread.submit(fill_masks, constraints)
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence], masks: Future[torch.Tensor] | None = None
+               ) -> list[int]:
         """logits (K, V) fp32, one row per sequence -> next token ids. Constrained rows are masked first
-        (any device, after the forward) and their grammar advances with the token drawn."""
+        (any device, after the forward; `masks` from `_start_masks`, else filled now) and their grammar
+        advances with the token drawn."""
         constrained = [i for i, s in enumerate(seqs) if s.constraint is not None]
         if constrained:
-            mask_logits(logits, constrained, [seqs[i].constraint for i in constrained])
+            bitmask = masks.result() if masks is not None else fill_masks([seqs[i].constraint for i in constrained])
+            mask_logits(logits, constrained, bitmask)
         plain = [i for i, s in enumerate(seqs) if s.params.is_plain_greedy
                  and len(s.output_ids) >= s.params.min_tokens]
         out = [0] * len(seqs)
