@@ -254,7 +254,7 @@ class CallParser:
     def _header(self, events: list[Event]) -> bool:
         found = _HEADER.match(self._buf)
         if found is None:
-            if len(self._buf) >= _HEADER_MAX or not _HEADER_PREFIX(self._buf):
+            if len(self._buf) >= _HEADER_MAX or not _could_be_header(self._buf):
                 # not our syntax (unconstrained output): the trigger was text after all
                 events.append(Event("content", self._held_space + TRIGGER + self._buf))
                 self._buf, self._state, self._held_space = "", "text", ""
@@ -313,7 +313,7 @@ class CallParser:
         return True
 
 
-def _HEADER_PREFIX(text: str) -> bool:  # noqa: N802 - reads like the regex it stands beside
+def _could_be_header(text: str) -> bool:
     """Could `text` still grow into a call header?"""
     head = '\n{"name": "'
     if len(text) <= len(head):
