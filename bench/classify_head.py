@@ -82,7 +82,7 @@ def main() -> None:
     ap.add_argument("--checkpoint", default=None, help="base checkpoint (default: SmolLM2 default)")
     ap.add_argument("--data", default=str(DATA), help="JSONL of {text, label}")
     ap.add_argument("--concurrency", type=int, default=16)
-    ap.add_argument("--texts", type=int, default=800, help="head phase: texts sent (at most)")
+    ap.add_argument("--texts", type=int, default=800, help="head phase: texts sent (at most; 0 skips it)")
     ap.add_argument("--zero-shot-texts", type=int, default=16, help="baseline phase: texts sent (at most)")
     ap.add_argument("--max-wall-s", type=float, default=180, help="per phase")
     ap.add_argument("--json-out", default=None)
@@ -138,7 +138,7 @@ def report(a: argparse.Namespace, labels: list[str], results: dict[str, dict]) -
               f"{r['accuracy']:.3f} (n={r['texts']})  errors {r['errors']}  wall {r['wall_s']} s  CPU ms/text: "
               f"server {r['server_cpu_ms_per_text']:.1f}, client {r['client_cpu_ms_per_text']:.1f}")
     ratio = None
-    if "zero-shot" in results:
+    if "zero-shot" in results and "head" in results:
         ratio = results["head"]["texts_per_s"] / max(results["zero-shot"]["texts_per_s"], 1e-9)
         print(f"  head / zero-shot: {ratio:.0f}x")
     if a.json_out:
