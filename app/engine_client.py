@@ -287,13 +287,10 @@ class EngineClient:
 
     async def score(self, prompt_ids: Sequence[int], continuations: Sequence[Sequence[int]],
                     adapter: str | None = None) -> list[float]:
-        """engine.score on the engine thread: sum log p(continuation | prompt) per continuation."""
-        future: concurrent.futures.Future[list[float]] = concurrent.futures.Future()
-        job = PiecewiseCall(future, functools.partial(self.engine.score_steps, list(prompt_ids),
-                                                      [list(c) for c in continuations], adapter))
-        self._check_alive()
-        self._commands.put(job)
-        return await asyncio.wrap_future(future)
+        """engine.score on the engine thread, one forward at a time between engine steps: sum
+        log p(continuation | prompt) per continuation."""
+        return await self.run_in_pieces(functools.partial(
+            self.engine.score_steps, list(prompt_ids), [list(c) for c in continuations], adapter))
 
     async def score_each(self, jobs: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]],
                          adapter: str | None = None) -> list[list[float]]:
@@ -306,11 +303,15 @@ class EngineClient:
                           adapter: str | None = None) -> list[float]:
         """engine.score_after on the engine thread, one forward at a time between engine steps: sum
         log p(continuation | prompt) per prompt (/classify's channel direction)."""
-        future: concurrent.futures.Future[list[float]] = concurrent.futures.Future()
-        job = PiecewiseCall(future, functools.partial(self.engine.score_after_steps, [list(p) for p in prompts],
-                                                      list(continuation), adapter))
+        return await self.run_in_pieces(functools.partial(
+            self.engine.score_after_steps, [list(p) for p in prompts], list(continuation), adapter))
+
+    async def run_in_pieces(self, start: Callable[[], Generator[None, None, T]]) -> T:
+        """Run the generator `start()` returns on the engine thread, one piece between two engine steps
+        (PiecewiseCall); cancelling the caller stops it before its next piece."""
         self._check_alive()
-        self._commands.put(job)
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._commands.put(PiecewiseCall(future, start))
         return await asyncio.wrap_future(future)
 
     async def call(self, fn: Callable[..., T], *args: object) -> T:

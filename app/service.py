@@ -313,6 +313,7 @@ class Service:
         conts = tasks.label_continuations(tok, spec)
         direct, channel = tasks.needs_direct(calibration, multi_label), tasks.needs_channel(calibration, multi_label)
         work = ZeroShotWork(conts=conts, channel_prompts=tasks.channel_prompts(tok, spec, system) if channel else [])
+        longest_channel_prompt = max((len(p) for p in work.channel_prompts), default=0)
         for text in texts:
             try:
                 prompt = tasks.render_prompt(tok, spec.messages(text), system)
@@ -324,7 +325,7 @@ class Service:
             if direct:
                 work.jobs.append((prompt, conts))
             if channel:
-                self.check_length(max(len(p) for p in work.channel_prompts), len(cont), "text")
+                self.check_length(longest_channel_prompt, len(cont), "text")
                 work.channel.append(cont)
         work.free = [(p, conts) for p in tasks.content_free_prompts(tok, spec, system)] if with_prior else []
         return work

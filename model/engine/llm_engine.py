@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -251,14 +251,16 @@ class LLMEngine:
         longest = len(prompt_ids) + max(len(c) for c in continuations)
         if longest > self.config.max_model_len:
             raise PromptTooLong(longest, self.config.max_model_len + 1)
-        return self._score_pieces(prompt_ids, continuations, adapter)
+        return self._under_adapter(adapter, lambda key: self.runner.score_steps(
+            prompt_ids, continuations, key=key, chunk=self.config.prefill_chunk))
 
-    def _score_pieces(self, prompt_ids: list[int], continuations: list[list[int]], adapter: str | None
-                      ) -> Generator[None, None, list[float]]:
-        key = self.runner.adapters.acquire(adapter)  # released however the generator ends (closed included)
+    def _under_adapter(self, adapter: str | None, steps: Callable[[int], Generator[None, None, list[float]]]
+                       ) -> Generator[None, None, list[float]]:
+        """Run the piecewise job `steps(model key)` holding `adapter` (released however the generator
+        ends, closed included)."""
+        key = self.runner.adapters.acquire(adapter)
         try:
-            return (yield from self.runner.score_steps(prompt_ids, continuations, key=key,
-                                                       chunk=self.config.prefill_chunk))
+            return (yield from steps(key))
         finally:
             self.runner.adapters.release(key)
 
@@ -278,15 +280,7 @@ class LLMEngine:
         longest = max(len(p) for p in prompts) + len(continuation)
         if longest > self.config.max_model_len:
             raise PromptTooLong(longest, self.config.max_model_len + 1)
-        return self._score_after_pieces(prompts, continuation, adapter)
-
-    def _score_after_pieces(self, prompts: list[list[int]], continuation: list[int], adapter: str | None
-                            ) -> Generator[None, None, list[float]]:
-        key = self.runner.adapters.acquire(adapter)  # released however the generator ends (closed included)
-        try:
-            return (yield from self.runner.score_after_steps(prompts, continuation, key=key))
-        finally:
-            self.runner.adapters.release(key)
+        return self._under_adapter(adapter, lambda key: self.runner.score_after_steps(prompts, continuation, key=key))
 
     # ----------------------------------------------------------------------------- adapters
     def add_adapter(self, name: str, model: InferenceModel) -> None:

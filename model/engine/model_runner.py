@@ -145,13 +145,13 @@ class ModelRunner:
             seqs[i].constraint.advance(out[i])
         return out
 
-    @torch.inference_mode()
     def score(self, prompt_ids: list[int], continuations: list[list[int]], group: int = 16, key: int = BASE
               ) -> list[float]:
         """Sum of log p(continuation | prompt) for each continuation under model `key` (`score_steps`
         run to the end)."""
         return run_to_end(self.score_steps(prompt_ids, continuations, group, key))
 
+    @torch.inference_mode()  # torch enters the mode around each piece of the generator
     def score_steps(self, prompt_ids: list[int], continuations: list[list[int]], group: int = 16,
                     key: int = BASE, chunk: int = 256) -> Generator[None, None, list[float]]:
         """`score` one forward at a time: the prompt in pieces of at most `chunk` tokens, then one packed
@@ -194,13 +194,13 @@ class ModelRunner:
         return scores
 
     # ------------------------------------------------------------------ one continuation, many prompts
-    @torch.inference_mode()
     def score_after(self, prompts: list[list[int]], continuation: list[int], group: int = 16, key: int = BASE
                     ) -> list[float]:
         """Sum of log p(continuation | prompt) for each prompt under model `key` (`score_after_steps` run
         to the end)."""
         return run_to_end(self.score_after_steps(prompts, continuation, group, key))
 
+    @torch.inference_mode()
     def score_after_steps(self, prompts: list[list[int]], continuation: list[int], group: int = 16,
                           key: int = BASE) -> Generator[None, None, list[float]]:
         """`score_after` one forward at a time (yielding between them): /classify's channel direction, a
