@@ -163,9 +163,24 @@ def filter_and_sample(logits: torch.Tensor, params: SamplingParams, generator: t
         drop = cumulative - sorted_probs >= params.top_p  # keep the token that crosses top_p
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-    if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
-        return int(torch.argmax(logits))  # degenerate distribution (extreme parameters): fall back to greedy
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return draw_token(probs, generator, fallback=logits)
+
+
+def draw_token(probs: torch.Tensor, generator: torch.Generator | None, fallback: torch.Tensor) -> int:
+    """One token from unnormalised probabilities (V,) by inverting their CDF with one uniform draw.
+
+    Why not torch.multinomial: over a 49k vocabulary it took ~1.2 ms a row on this CPU (the engine
+    samples each row apart, for per-request seeds), a cumsum + searchsorted ~0.07 ms. A zero-probability
+    token is never chosen: its CDF step is empty. A degenerate row (NaN, or nothing left) falls back to
+    the argmax of `fallback`.
+    """
+    cdf = torch.cumsum(probs, 0, dtype=torch.float64)
+    total = float(cdf[-1])
+    if not math.isfinite(total) or total <= 0:
+        return int(torch.argmax(fallback))  # extreme parameters: greedy
+    uniform = float(torch.rand((), generator=generator, dtype=torch.float64, device=probs.device))
+    point = min(uniform * total, math.nextafter(total, 0.0))  # < cdf[-1], so an index < V is found
+    return int(torch.searchsorted(cdf, torch.tensor(point, dtype=torch.float64, device=probs.device), right=True))
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
