@@ -13,16 +13,14 @@ Must not: run a forward pass on the event loop (the math is `model.head.classify
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from model.device import intra_op_threads
 from model.features import load_feature_model, precision_unavailable
 from model.head import HEAD_META, HeadError, LoadedHead, classify_ids, load_head
 
@@ -232,15 +230,3 @@ class HeadService:
 # it cost 9.3 CPU-ms per text against 0.55 on one (16 Banking77 texts, block 1 in q4, a 2-core CPU at
 # load average 6: the second thread spins waiting for a core), and the event loop needs the other core.
 HEAD_THREADS = 1
-
-
-@contextlib.contextmanager
-def intra_op_threads(n: int) -> Iterator[None]:
-    """torch's intra-op thread count (what the native kernels' parallel_for uses) set to `n` for the
-    block, then restored. Engine thread only: it is the one thread that runs tensor work here."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

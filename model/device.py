@@ -3,6 +3,9 @@ jobs and the benchmarks (cuda when present, else cpu; bfloat16 on cuda, float32 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 
@@ -27,3 +30,19 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if not isinstance(dtype, torch.dtype):
         raise DeviceError(f"unknown dtype {name!r}")
     return dtype
+
+
+@contextlib.contextmanager
+def intra_op_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count (what the native kernels' parallel_for uses) set to `n` for the
+    block, then restored. For the thread that runs the tensor work (the engine thread): the setting
+    is process-wide."""
+    before = torch.get_num_threads()
+    if n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -54,6 +54,9 @@ class Capabilities:
     path: str  # which forward serves, for logs and /ready: "torch-fp32", "native-q4-avx512", ...
     quantization: str  # "none" or one of model.config.QUANTIZATIONS
     supports_cuda_graphs: bool  # decode steps may be recorded as CUDA graphs (model/engine/cuda_graphs.py)
+    # outputs are bit-identical whatever torch's thread count (each output computed whole by one thread,
+    # in a fixed order: the native kernels), so the engine may vary the count per step
+    thread_invariant: bool = False
 
 
 class InferenceModel(nn.Module):
@@ -145,7 +148,8 @@ def prepare_for_serving(model: Transformer, quantize: str | None = "none", token
         network = NativeQ4Model(EagerModel.from_transformer(model, block_linear), cache_dtype)
         path = f"native-q4-{network.isa}"
     graphs = device.type == "cuda" and isinstance(network, EagerModel)
-    return InferenceModel(model.config, network, device, dtype, cache_dtype, Capabilities(path, quantize, graphs))
+    capabilities = Capabilities(path, quantize, graphs, thread_invariant=isinstance(network, NativeQ4Model))
+    return InferenceModel(model.config, network, device, dtype, cache_dtype, capabilities)
 
 
 def choose_auto(model: Transformer) -> tuple[str, str]:

@@ -247,7 +247,7 @@ def test_heads_added_while_serving_and_broken_ones_refused(app_checkpoint: Path,
 def test_the_head_forward_runs_on_one_intra_op_thread() -> None:
     """intra_op_threads sets torch's thread count for the block only (the head's forward: one thread,
     app/heads.py HEAD_THREADS), and restores it even when the block fails."""
-    from app.heads import intra_op_threads
+    from model.device import intra_op_threads
 
     before = torch.get_num_threads()
     with intra_op_threads(1):

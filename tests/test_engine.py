@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from model.config import preset
+from model.device import intra_op_threads
 from model.engine import EngineConfig, FinishReason, LLMEngine, PromptTooLong, RequestRejected
 from model.generate import generate
 from model.inference import prepare_for_serving
@@ -110,6 +111,18 @@ def test_batch_invariance_alone_vs_crowd(model, prompts, oracle):
         alone = make_engine(model, max_num_seqs=1, max_num_batched_tokens=64).generate([prompts[i]], greedy)
         assert alone[0].token_ids == oracle[i]
     assert [together[k] for k in sorted(together, key=lambda k: int(k.rsplit("-", 1)[1]))] == oracle
+
+
+def test_small_steps_run_on_fewer_threads_only_where_results_cannot_change(model):
+    """EngineConfig.small_step_tokens: the q4 forward (thread-invariant) runs steps of <= 8 tokens on one
+    thread fewer; the torch path, whose matmuls may round differently per thread count, never does."""
+    q4 = LLMEngine(prepare_for_serving(model, "q4"), LetterTokenizer(), EngineConfig(max_num_seqs=4))
+    fp32 = make_engine(model)
+    with intra_op_threads(2):
+        assert [q4.runner._threads_for(n) for n in (1, 8, 9, 64)] == [1, 1, 2, 2]
+        assert [fp32.runner._threads_for(n) for n in (1, 64)] == [2, 2]
+    with intra_op_threads(1):
+        assert q4.runner._threads_for(1) == 1
 
 
 def test_seeded_sampling_is_batch_invariant(model, prompts):

@@ -10,6 +10,7 @@ import torch
 
 from model import native
 from model.checkpoint import load_checkpoint
+from model.device import intra_op_threads
 from model.inference import Capabilities, load_for_serving, prepare_for_serving
 from model.kv_cache import KVCache
 
@@ -28,7 +29,8 @@ def test_every_variant_tracks_the_oracle_and_says_what_it_is(tiny_checkpoint, qu
     served = load_for_serving(tiny_checkpoint, quantize=quantize)
     model = served.model
     path = path.format(isa=native.isa()) if quantize == "q4" else path
-    assert model.capabilities == Capabilities(path=path, quantization=quantize, supports_cuda_graphs=False)
+    assert model.capabilities == Capabilities(path=path, quantization=quantize, supports_cuda_graphs=False,
+                                              thread_invariant=quantize == "q4")
     assert model.cache_dtype == cache_dtype and model.dtype == torch.float32 and model.device.type == "cpu"
     assert served.tokenizer.vocab_size == 400 and served.path == tiny_checkpoint
     ref = oracle(TOKENS)  # (1, 9, V)
@@ -40,6 +42,19 @@ def test_every_variant_tracks_the_oracle_and_says_what_it_is(tiny_checkpoint, qu
     cache = KVCache(model.config, n_slots=2, max_seq_len=16, dtype=model.cache_dtype)
     rows = model(TOKENS, torch.arange(9)[None], kv_cache=cache.batch([1], [0], [9]), logits_index=torch.tensor([3, 8]))
     assert float((rows - out[0, [3, 8]]).norm() / rows.norm()) < (0.02 if quantize == "w8a8" else 1e-5)
+
+
+@torch.inference_mode()
+def test_the_q4_forward_is_bit_identical_on_one_thread_and_on_two(tiny_checkpoint):
+    """What Capabilities.thread_invariant promises, and what lets the engine run small steps on fewer
+    threads (EngineConfig.small_step_tokens) without touching batch invariance."""
+    model = load_for_serving(tiny_checkpoint, quantize="q4").model
+    tokens = torch.randint(0, 400, (1, 40), generator=torch.Generator().manual_seed(0))
+    with intra_op_threads(1):
+        one = model(tokens)
+    with intra_op_threads(2):
+        two = model(tokens)
+    assert torch.equal(one, two)
 
 
 @torch.inference_mode()

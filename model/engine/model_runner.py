@@ -15,6 +15,7 @@ from typing import TypeVar
 
 import torch
 
+from model.device import intra_op_threads
 from model.engine.adapter_set import BASE, AdapterSet
 from model.engine.cuda_graphs import DecodeGraphs
 from model.engine.scheduler import ScheduledChunk
@@ -39,7 +40,7 @@ class PromptBank:
 
 class ModelRunner:
     def __init__(self, model: InferenceModel, n_slots: int, max_seq_len: int, valid_vocab: int | None = None,
-                 cuda_graphs: bool = False) -> None:
+                 cuda_graphs: bool = False, small_step_tokens: int = 0) -> None:
         self.model = model
         self.adapters = AdapterSet(model)
         self.device = model.device
@@ -54,6 +55,8 @@ class ModelRunner:
         # only the tokens already accepted); False: filled inline after the forward (bench.structured)
         self.overlap_masks = True
         self._mask_thread: ThreadPoolExecutor | None = None  # started by the first constrained step
+        # fewer threads for small steps only where that cannot change a result (batch invariance)
+        self.small_step_tokens = small_step_tokens if model.capabilities.thread_invariant else 0
 
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk]) -> list[int]:
@@ -62,14 +65,21 @@ class ModelRunner:
         groups: dict[int, list[int]] = {}  # model key -> indexes of its chunks
         for i, c in enumerate(chunks):
             groups.setdefault(c.seq.adapter, []).append(i)
-        if len(groups) == 1:
-            [key] = groups
-            return self._execute(key, chunks)
-        sampled: dict[int, int] = {}
-        for key, indexes in groups.items():
-            tokens = iter(self._execute(key, [chunks[i] for i in indexes]))
-            sampled.update((i, next(tokens)) for i in indexes if chunks[i].samples)
-        return [sampled[i] for i, c in enumerate(chunks) if c.samples]
+        with intra_op_threads(self._threads_for(sum(c.length for c in chunks))):
+            if len(groups) == 1:
+                [key] = groups
+                return self._execute(key, chunks)
+            sampled: dict[int, int] = {}
+            for key, indexes in groups.items():
+                tokens = iter(self._execute(key, [chunks[i] for i in indexes]))
+                sampled.update((i, next(tokens)) for i in indexes if chunks[i].samples)
+            return [sampled[i] for i, c in enumerate(chunks) if c.samples]
+
+    def _threads_for(self, n_tokens: int) -> int:
+        """Intra-op threads for a step of `n_tokens`: one fewer than torch has for a small CPU step
+        (EngineConfig.small_step_tokens), else all."""
+        threads = torch.get_num_threads()
+        return max(1, threads - 1) if n_tokens <= self.small_step_tokens else threads
 
     def _execute(self, key: int, chunks: list[ScheduledChunk]) -> list[int]:
         """One forward of model `key` over `chunks` (all its sequences)."""
