@@ -330,6 +330,24 @@ def test_score_after_matches_oracle_log_likelihood(model, prompts, monkeypatch):
         engine.score_after([prompts[1]], prompts[8])
 
 
+def test_score_after_runs_a_long_text_in_forwards_no_longer_than_a_prefill_chunk(model, prompts):
+    """A long continuation after 16 prompts: every forward holds at most prefill_chunk tokens (rows packed
+    while they fit, one row's text in pieces beyond), and the scores still equal one unbounded call's."""
+    prompt_set = [p[:n] for p, n in zip(prompts, [5, 30, 17, 12, 40, 9, 25, 33, 3, 6, 21, 28, 12, 7, 45, 19],
+                                        strict=True)]
+    text = prompts[6][:100]  # 99 tokens to feed per prompt: 1,584 in all
+    want = make_engine(model, prefill_chunk=4096, max_num_batched_tokens=4096).score_after(prompt_set, text)
+    for chunk in (40, 256):  # pieces of one row's text; several rows per forward
+        engine = make_engine(model, prefill_chunk=chunk)
+        engine.score_after(prompt_set, [3])  # the prompts' K/V, kept: below, only the text's forwards run
+        sizes: list[int] = []
+        hook = engine.runner.model.register_forward_pre_hook(lambda _, args, sizes=sizes: sizes.append(args[0].shape[1]))
+        got = engine.score_after(prompt_set, text)
+        hook.remove()
+        assert got == pytest.approx(want, abs=1e-3)
+        assert max(sizes) <= chunk and sum(sizes) == 16 * 99
+
+
 def test_logprobs_are_reported(model, prompts):
     out = make_engine(model).generate([prompts[0]], SamplingParams(max_tokens=4, temperature=0, logprobs=3))[0]
     assert out.logprobs is not None

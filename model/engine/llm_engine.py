@@ -285,7 +285,8 @@ class LLMEngine:
         longest = max(len(p) for p in prompts) + len(continuation)
         if longest > self.config.max_model_len:
             raise PromptTooLong(longest, self.config.max_model_len + 1)
-        return self._under_adapter(adapter, lambda key: self.runner.score_after_steps(prompts, continuation, key=key))
+        return self._under_adapter(adapter, lambda key: self.runner.score_after_steps(
+            prompts, continuation, key=key, chunk=self.config.prefill_chunk))
 
     # ----------------------------------------------------------------------------- adapters
     def add_adapter(self, name: str, model: InferenceModel) -> None:

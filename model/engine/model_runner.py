@@ -212,46 +212,61 @@ class ModelRunner:
 
     @torch.inference_mode()
     def score_after_steps(self, prompts: list[list[int]], continuation: list[int], group: int = 16,
-                          key: int = BASE) -> Generator[None, None, list[float]]:
+                          key: int = BASE, chunk: int = 256) -> Generator[None, None, list[float]]:
         """`score_after` one forward at a time (yielding between them): /classify's channel direction, a
         text's likelihood after each label's prompt. The prompts run once and their K/V are kept
         (PromptBank, LRU of PROMPT_BANKS sets), so the next continuation after the same prompts costs
-        only its own tokens: len(prompts) rows of len(continuation) - 1 tokens, packed `group` rows per
-        forward in a scratch cache (never a serving slot)."""
+        only its own tokens: len(prompts) rows of len(continuation) - 1 tokens, in forwards of at most
+        `chunk` tokens in a scratch cache (never a serving slot)."""
         bank = yield from self._bank(prompts, key, group)
         scores: list[float] = []
         for g in range(0, len(prompts), group):
             n = min(group, len(prompts) - g)
             if bank is None:  # too large to keep: this group's prompts now, dropped after
                 part = yield from self._build_bank(prompts[g:g + n], key, group)
-                scores += self._continue(part, 0, n, continuation, key)
+                scores += yield from self._continue(part, 0, n, continuation, key, chunk)
             else:
-                scores += self._continue(bank, g, n, continuation, key)
+                scores += yield from self._continue(bank, g, n, continuation, key, chunk)
             if g + n < len(prompts):
                 yield
         return scores
 
-    def _continue(self, bank: PromptBank, lo: int, n: int, continuation: list[int], key: int) -> list[float]:
-        """log p(continuation | prompt) for the bank's rows lo..lo+n-1: one forward of n * (C-1) tokens."""
-        first = bank.first[lo:lo + n, continuation[0]].tolist()
+    def _continue(self, bank: PromptBank, lo: int, n: int, continuation: list[int], key: int, chunk: int
+                  ) -> Generator[None, None, list[float]]:
+        """log p(continuation | prompt) for the bank's rows lo..lo+n-1, n * (C-1) tokens in forwards of at
+        most `chunk`: several rows packed when the continuation is short, one row's continuation in
+        pieces when it is long (a long text would otherwise be one forward of up to n * max_model_len
+        tokens, and as many rows of logits, while every other request waits)."""
+        scores = bank.first[lo:lo + n, continuation[0]].tolist()
         C = len(continuation)
         if C == 1:
-            return first
+            return scores
+        model = self.adapters.model(key)
         lengths = bank.lengths[lo:lo + n]
         P = max(lengths)
-        scratch = KVCache(self.model.config, n, P + C - 1, dtype=self.model.cache_dtype, device=self.device)
-        # a shorter prompt's padding positions are written by its continuation before anything reads them
-        scratch.k[:, :, :, :P] = bank.cache.k[:, lo:lo + n, :, :P]
-        scratch.v[:, :, :, :P] = bank.cache.v[:, lo:lo + n, :, :P]
-        feed = continuation[:-1] * n
-        positions = [length + i for length in lengths for i in range(C - 1)]
-        batch = scratch.batch(list(range(n)), lengths, [C - 1] * n)
-        logp = self.adapters.model(key)(
-            torch.tensor([feed], device=self.device), torch.tensor([positions], device=self.device),
-            kv_cache=batch).float().log_softmax(-1)[0]  # (n * (C-1), V)
-        targets = torch.tensor(continuation[1:] * n, device=self.device)
-        picked = logp.gather(1, targets[:, None])[:, 0].view(n, C - 1).sum(1).tolist()
-        return [f + p for f, p in zip(first, picked, strict=True)]
+        piece = min(C - 1, chunk)
+        rows = max(1, chunk // piece)
+        for r0 in range(0, n, rows):
+            m = min(rows, n - r0)
+            scratch = KVCache(self.model.config, m, P + C - 1, dtype=self.model.cache_dtype, device=self.device)
+            # a shorter prompt's padding positions are written by its continuation before anything reads them
+            scratch.k[:, :, :, :P] = bank.cache.k[:, lo + r0:lo + r0 + m, :, :P]
+            scratch.v[:, :, :, :P] = bank.cache.v[:, lo + r0:lo + r0 + m, :, :P]
+            starts = lengths[r0:r0 + m]
+            for s in range(0, C - 1, piece):
+                if r0 or s:
+                    yield
+                e = min(C - 1, s + piece)
+                positions = [start + j for start in starts for j in range(s, e)]
+                logp = model(torch.tensor([continuation[s:e] * m], device=self.device),
+                             torch.tensor([positions], device=self.device),
+                             kv_cache=scratch.batch(list(range(m)), [start + s for start in starts], [e - s] * m)
+                             ).float().log_softmax(-1)[0]  # (m * (e-s), V)
+                targets = torch.tensor(continuation[s + 1:e + 1] * m, device=self.device)
+                picked = logp.gather(1, targets[:, None])[:, 0].view(m, e - s).sum(1).tolist()
+                for i in range(m):
+                    scores[r0 + i] += picked[i]
+        return scores
 
     def _bank(self, prompts: list[list[int]], key: int, group: int) -> Generator[None, None, PromptBank | None]:
         """The kept PromptBank of these prompts (built on first use), or None when it would exceed
