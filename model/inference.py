@@ -35,7 +35,7 @@ from model.config import QUANTIZATIONS, ModelConfig
 from model.eager import EagerModel
 from model.native_q4 import HEAD_DIMS, NativeQ4Model, check_supported
 from model.quant.int8 import Int8Linear
-from model.quant.q4 import QK, ROWS, block_linear
+from model.quant.q4 import QK, ROWS, BlockQuantLinear, block_linear
 from model.quant.w8a8 import CALIBRATION_TEXT, quantize_w8a8
 from model.transformer import Transformer
 
@@ -99,7 +99,7 @@ def load_for_serving(path: str | Path, device: str | torch.device = "cpu", dtype
     ckpt = load_checkpoint(path, device=device, dtype=dtype)
     for adapter in adapters or []:
         load_merged(path, adapter, ckpt.model)  # the Transformer is ours: merge in place
-    model = prepare_for_serving(ckpt.model, quantize, ckpt.tokenizer)
+    model = prepare_for_serving(ckpt.model, quantize, ckpt.tokenizer, merged_adapter=bool(adapters))
     return Served(model=model, tokenizer=ckpt.tokenizer, meta=ckpt.meta, path=ckpt.path, transformer=ckpt.model)
 
 
@@ -116,14 +116,19 @@ def adapt_for_serving(served: Served, adapter_dir: str | Path) -> InferenceModel
     changed = {id(w) for w in targets(base, adapter)}
     shared = {id(t): t for t in [*base.parameters(), *base.buffers()] if id(t) not in changed}
     model = merge_adapter(copy.deepcopy(base, shared), adapter)
-    return prepare_for_serving(model, served.model.capabilities.quantization, served.tokenizer)
+    return prepare_for_serving(model, served.model.capabilities.quantization, served.tokenizer, merged_adapter=True)
 
 
-def prepare_for_serving(model: Transformer, quantize: str | None = "none", tokenizer: Tokenizer | None = None
-                        ) -> InferenceModel:
+def prepare_for_serving(model: Transformer, quantize: str | None = "none", tokenizer: Tokenizer | None = None,
+                        merged_adapter: bool = False) -> InferenceModel:
     """The serving model for `model` (left unchanged: unfused weights and the embedding are shared with
     it, so keep it unmodified while serving). w8a8 calibrates on CALIBRATION_TEXT: it needs the tokenizer.
-    `auto` is q4 or none (choose_auto), logged with the reason."""
+    `auto` is q4 or none (choose_auto), logged with the reason.
+
+    `merged_adapter`: the weights carry a merged LoRA update. On q4 the projections are then packed in
+    Q8_0, not Q4_1: a base imported from a Q4 GGUF sits on Q4_1's grid, and requantizing base + a small
+    update to that grid rounds most of the update away (Multi30k en->de through a LoRA adapter, test
+    n=100: chrF 20.9 in Q4_1, 44.8 in Q8_0, 44.6 in fp32). Q8_0 reads ~1.5x the bytes per decode step."""
     quantize = quantize or "none"
     _check_request(quantize, model.device, model.dtype, None)
     if quantize == "auto":
@@ -145,8 +150,9 @@ def prepare_for_serving(model: Transformer, quantize: str | None = "none", token
     else:
         check_supported(model.config)  # says why not before any weight is packed
         cache_dtype = torch.float16
-        network = NativeQ4Model(EagerModel.from_transformer(model, block_linear), cache_dtype)
-        path = f"native-q4-{network.isa}"
+        make = (lambda weight, _: BlockQuantLinear(weight, "q8_0")) if merged_adapter else block_linear
+        network = NativeQ4Model(EagerModel.from_transformer(model, make), cache_dtype)
+        path = f"native-{'q8' if merged_adapter else 'q4'}-{network.isa}"
     graphs = device.type == "cuda" and isinstance(network, EagerModel)
     capabilities = Capabilities(path, quantize, graphs, thread_invariant=isinstance(network, NativeQ4Model))
     return InferenceModel(model.config, network, device, dtype, cache_dtype, capabilities)
