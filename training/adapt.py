@@ -121,7 +121,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(max_steps=6, seq_len=512, max_len=256, threads=1, lora_r=4, lora_alpha=8.0, warmup_steps=1, eval_every=3,
                  save_every=2, val_examples=4, progress=False),
     "translate-de": _task_preset(tasks.TRANSLATE, "multi30k_en_de/train.jsonl.gz", "multi30k_en_de/validation.jsonl",
-                                 name="translate-de", max_records=8000, max_steps=140, warmup_steps=8, eval_every=35,
+                                 name="translate-de", max_records=16000, max_steps=420, warmup_steps=8, eval_every=60,
                                  val_examples=64, seq_len=256, batch_rows=4, max_len=192),
     "translate-zh": _task_preset(tasks.TRANSLATE, "tatoeba_en_zh/train.jsonl.gz", "tatoeba_en_zh/validation.jsonl",
                                  name="translate-zh", max_records=8000, max_steps=105, warmup_steps=8, eval_every=35,
