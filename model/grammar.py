@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -199,15 +200,72 @@ class Utf8Guard:
         return cls(_bitmask_of([not bad_inside(t) for t in vocab]), after, ends)
 
 
+# Sampled JSON can run past max_tokens (a key or a string that never closes) and would then be cut
+# where it does not parse. In a JSON output's last CLOSE_WITHIN tokens the mask keeps, of the tokens
+# the grammar allows, only the first tier that has any. Inside a string: a quote, alone or followed by
+# closing brackets or a key's colon. Outside: tokens that end an array, an object or the output; then a
+# key's colon; then the shortest values. A tier narrows the grammar's own mask and is skipped when it
+# would empty it, so the output stays valid; a schema that needs more (a required property, a
+# pattern) keeps its full mask.
+CLOSE_WITHIN = 24
+_IN_STRING_TIERS = (r'"([\]}]*|: ?)',)
+_OUTSIDE_TIERS = (r'[\]}]+', r': ?', r'(-?[0-9]|null|true|false|"")')
+
+
+@dataclass(frozen=True)
+class ClosingTiers:
+    """The tiers above as bitmasks (W,) for one vocabulary (the first outside tier also holds the stop
+    tokens), and each token's bytes, to follow whether the output is inside a JSON string."""
+    in_string: tuple[torch.Tensor, ...]
+    outside: tuple[torch.Tensor, ...]
+    vocab: list[bytes]
+
+    @classmethod
+    def of(cls, vocab: list[bytes], stop_ids: Sequence[int]) -> ClosingTiers:
+        stops = set(stop_ids)
+
+        def masks(patterns: tuple[str, ...], with_stops: bool) -> tuple[torch.Tensor, ...]:
+            regexes = [re.compile(p.encode()) for p in patterns]
+            return tuple(_bitmask_of([bool(t) and r.fullmatch(t) is not None or (with_stops and k == 0 and i in stops)
+                                      for i, t in enumerate(vocab)]) for k, r in enumerate(regexes))
+        return cls(masks(_IN_STRING_TIERS, False), masks(_OUTSIDE_TIERS, True), vocab)
+
+    def narrow(self, mask: torch.Tensor, in_string: bool) -> None:
+        """Narrow one row's mask (W,) in place to the first tier it shares tokens with."""
+        for tier in self.in_string if in_string else self.outside:
+            both = mask & tier
+            if bool(both.any()):
+                mask.copy_(both)
+                return
+
+    def scan(self, token: int, state: tuple[bool, bool]) -> tuple[bool, bool]:
+        """(inside a string, after a backslash) once `token`'s bytes are appended."""
+        in_string, escaped = state
+        for byte in self.vocab[token]:
+            if escaped:
+                escaped = False
+            elif in_string and byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = not in_string
+        return in_string, escaped
+
+
 class Constraint:
     """One sequence's grammar state: which tokens may come next, advanced by every sampled token.
-    Stop tokens are allowed exactly when the grammar accepts what was generated so far."""
+    Stop tokens are allowed exactly when the grammar accepts what was generated so far. With `closing`
+    and a `budget` (the tokens the sequence may still generate), the last CLOSE_WITHIN of them are
+    steered to close the JSON (ClosingTiers)."""
 
-    def __init__(self, matcher: xgr.GrammarMatcher, allowed: torch.Tensor, utf8: Utf8Guard, vocab_size: int) -> None:
+    def __init__(self, matcher: xgr.GrammarMatcher, allowed: torch.Tensor, utf8: Utf8Guard, vocab_size: int,
+                 closing: ClosingTiers | None = None, budget: int | None = None) -> None:
         self.matcher = matcher
         self.allowed = allowed  # tokens ever allowed (a bitmask ANDed into every mask)
         self.utf8 = utf8
         self.vocab_size = vocab_size
+        self.closing = closing if budget is not None else None
+        self.budget = budget
+        self._string_state = (False, False)  # (inside a JSON string, after a backslash), for `closing`
         self._lead: int | None = None  # the last token ended with this UTF-8 lead byte (see _SECOND_BYTE)
 
     def fill_mask(self, bitmask: torch.Tensor, row: int) -> None:
@@ -216,11 +274,16 @@ class Constraint:
         bitmask[row] &= self.allowed
         if self._lead is not None:
             bitmask[row] &= self.utf8.after[self._lead]
+        if self.closing is not None and self.budget is not None and self.budget <= CLOSE_WITHIN:
+            self.closing.narrow(bitmask[row], in_string=self._string_state[0])
 
     def advance(self, token: int) -> None:
         if not self.matcher.accept_token(token):
             raise RuntimeError(f"grammar rejected token {token}")  # the mask allowed it: a bug, not input
         self._lead = self.utf8.ends_with.get(token)
+        if self.closing is not None and self.budget is not None:
+            self.budget -= 1
+            self._string_state = self.closing.scan(token, self._string_state)
 
     @property
     def accepting(self) -> bool:
@@ -237,11 +300,14 @@ class CompiledGrammar:
     allowed: torch.Tensor
     utf8: Utf8Guard
     vocab_size: int
+    closing: ClosingTiers | None = None  # JSON formats: how the last tokens of a budget close the output
 
-    def start(self, stop_ids: Sequence[int] | None = None) -> Constraint:
-        """A fresh matcher; `stop_ids` (a request's own stop tokens) replace the tokenizer's."""
+    def start(self, stop_ids: Sequence[int] | None = None, budget: int | None = None) -> Constraint:
+        """A fresh matcher; `stop_ids` (a request's own stop tokens) replace the tokenizer's; `budget`: the
+        most tokens the sequence may generate (None: no closing)."""
         return Constraint(xgr.GrammarMatcher(self.compiled, override_stop_tokens=sorted(stop_ids)
-                                             if stop_ids else None), self.allowed, self.utf8, self.vocab_size)
+                                             if stop_ids else None), self.allowed, self.utf8, self.vocab_size,
+                          self.closing, budget)
 
 
 OutputFormat = ResponseFormat | ToolCallFormat
@@ -259,6 +325,7 @@ class GrammarCompiler:
                                  stop_token_ids=sorted(tok.stop_ids))
         self._utf8 = Utf8Guard.of(vocab)
         self._no_controls = _bitmask_of([not any(b < 0x20 for b in token) for token in vocab]) & self._utf8.never
+        self._closing = ClosingTiers.of(vocab, sorted(tok.stop_ids))
         # xgrammar's own cache is off: ours is an LRU bounded in entries, keyed by the canonical format
         self._compiler = xgr.GrammarCompiler(info, max_threads=threads, cache_enabled=False)
         self.cache_size = cache_size
@@ -286,7 +353,7 @@ class GrammarCompiler:
             compiled = self._compiler.compile_json_schema(fmt.schema_json, any_whitespace=False, strict_mode=True)
         except (RuntimeError, ValueError, TypeError) as e:
             raise GrammarError(f"{fmt.param}: unsupported or invalid JSON schema: {_first_line(e)}", fmt.param) from None
-        return CompiledGrammar(compiled, self._no_controls, self._utf8, self.vocab_size)
+        return CompiledGrammar(compiled, self._no_controls, self._utf8, self.vocab_size, self._closing)
 
     def _compile_tools(self, fmt: ToolCallFormat) -> xgr.CompiledGrammar:
         """Each tool: its call text around its arguments' JSON grammar (the same one-line JSON as

@@ -141,20 +141,22 @@ class LLMEngine:
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self._base_stop_ids)
         detok = IncrementalDetokenizer(self.tokenizer.token_bytes, params.stop) if self.tokenizer else None
         seq = Sequence(request_id, prompt_ids, params, stop_ids, make_generator(params, self.runner.device),
-                       detok, constraint=self._constraint(params, stop_ids),
+                       detok, constraint=self._constraint(params, stop_ids,
+                                                          min(params.max_tokens, self.config.max_model_len - len(prompt_ids))),
                        adapter=self.runner.adapters.acquire(adapter))
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
 
-    def _constraint(self, params: SamplingParams, stop_ids: frozenset[int]) -> Constraint | None:
-        """The grammar state for a response_format (compiled once per schema; raises GrammarError)."""
+    def _constraint(self, params: SamplingParams, stop_ids: frozenset[int], budget: int) -> Constraint | None:
+        """The grammar state for a response_format (compiled once per schema; raises GrammarError);
+        `budget`: the most tokens the sequence can generate, whose last few close a JSON output."""
         if params.response_format is None:
             return None
         if self.tokenizer is None:
             raise RequestRejected("response_format needs the engine to have a tokenizer")
         if self._grammars is None:  # built on first use: it indexes the whole vocabulary
             self._grammars = GrammarCompiler(self.tokenizer)
-        return self._grammars.compile(params.response_format).start(stop_ids)
+        return self._grammars.compile(params.response_format).start(stop_ids, budget)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Cancel a request and free its cache slot now; returns its final output, if it existed."""
