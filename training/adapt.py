@@ -124,7 +124,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                                  name="translate-de", max_records=16000, max_steps=420, warmup_steps=8, eval_every=60,
                                  val_examples=64, seq_len=256, batch_rows=4, max_len=192),
     "translate-zh": _task_preset(tasks.TRANSLATE, "tatoeba_en_zh/train.jsonl.gz", "tatoeba_en_zh/validation.jsonl",
-                                 name="translate-zh", max_records=8000, max_steps=105, warmup_steps=8, eval_every=35,
+                                 name="translate-zh", max_records=16000, max_steps=300, warmup_steps=8, eval_every=60,
                                  val_examples=64, seq_len=256, batch_rows=4, max_len=192),
     "summarize": _task_preset(tasks.SUMMARIZE, "dialogsum/train.jsonl", "dialogsum/validation.jsonl",
                               max_records=4000, max_steps=130, warmup_steps=8, eval_every=33, seq_len=1024,
