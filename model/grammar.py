@@ -264,7 +264,7 @@ class Constraint:
         self.utf8 = utf8
         self.vocab_size = vocab_size
         self.closing = closing if budget is not None else None
-        self.budget = budget
+        self.budget = budget or 0  # tokens the sequence may still generate (counted only with `closing`)
         self._string_state = (False, False)  # (inside a JSON string, after a backslash), for `closing`
         self._lead: int | None = None  # the last token ended with this UTF-8 lead byte (see _SECOND_BYTE)
 
@@ -274,14 +274,14 @@ class Constraint:
         bitmask[row] &= self.allowed
         if self._lead is not None:
             bitmask[row] &= self.utf8.after[self._lead]
-        if self.closing is not None and self.budget is not None and self.budget <= CLOSE_WITHIN:
+        if self.closing is not None and self.budget <= CLOSE_WITHIN:
             self.closing.narrow(bitmask[row], in_string=self._string_state[0])
 
     def advance(self, token: int) -> None:
         if not self.matcher.accept_token(token):
             raise RuntimeError(f"grammar rejected token {token}")  # the mask allowed it: a bug, not input
         self._lead = self.utf8.ends_with.get(token)
-        if self.closing is not None and self.budget is not None:
+        if self.closing is not None:
             self.budget -= 1
             self._string_state = self.closing.scan(token, self._string_state)
 

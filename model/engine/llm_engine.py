@@ -141,8 +141,7 @@ class LLMEngine:
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self._base_stop_ids)
         detok = IncrementalDetokenizer(self.tokenizer.token_bytes, params.stop) if self.tokenizer else None
         seq = Sequence(request_id, prompt_ids, params, stop_ids, make_generator(params, self.runner.device),
-                       detok, constraint=self._constraint(params, stop_ids,
-                                                          min(params.max_tokens, self.config.max_model_len - len(prompt_ids))),
+                       detok, constraint=self._constraint(params, stop_ids, self._tokens_left(params, 0, len(prompt_ids))),
                        adapter=self.runner.adapters.acquire(adapter))
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
@@ -199,8 +198,7 @@ class LLMEngine:
             delta = seq.detokenizer.add(token)
             if seq.detokenizer.stopped_by is not None:
                 seq.finish_reason, stop_reason = FinishReason.STOP, seq.detokenizer.stopped_by
-        if seq.finish_reason is None and (len(seq.output_ids) >= seq.params.max_tokens
-                                          or seq.num_tokens >= self.config.max_model_len):
+        if seq.finish_reason is None and self._tokens_left(seq.params, len(seq.output_ids), seq.num_tokens) <= 0:
             seq.finish_reason = FinishReason.LENGTH
         if seq.finish_reason is not None:
             if seq.detokenizer is not None:
@@ -208,6 +206,11 @@ class LLMEngine:
             self._finish(seq)
             del self._seqs[seq.request_id]
         return self._output(seq, [token], delta, stop_reason)
+
+    def _tokens_left(self, params: SamplingParams, generated: int, length: int) -> int:
+        """Tokens a sequence of `length` tokens, `generated` of them its own, may still generate: its
+        max_tokens and the context length both end it (FinishReason.LENGTH)."""
+        return min(params.max_tokens - generated, self.config.max_model_len - length)
 
     def _finish(self, seq: Sequence) -> None:
         self.scheduler.finish(seq)
